@@ -1,0 +1,66 @@
+"""A store's self-description plus what is on disk: the content of `softlabel info`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from softlabel.cache import store
+from softlabel.cache.schema import Layout
+
+
+def summarize(location: str) -> dict[str, Any]:
+    attrs = store.read_attrs(location)
+    layout = Layout.from_attrs(attrs)
+    group = store.open_group(location, mode="r")
+    flags = store.done_flags(group, layout)
+    views = {}
+    samples_done = 0
+    for view, done in flags.items():
+        n = sum(stop - start for s, (start, stop) in enumerate(map(layout.shard_range, range(layout.n_shards))) if done[s])
+        samples_done += n
+        views[view] = {"shards_done": int(done.sum()), "shards_total": layout.n_shards, "samples_done": n}
+    sizes = store.stored_bytes(group)
+    per_tensor: dict[str, int] = defaultdict(int)
+    for path, nbytes in sizes.items():
+        head, _, rest = path.partition("/")
+        if head in layout.views:
+            per_tensor[rest] += nbytes
+    return {
+        "location": str(location),
+        "schema_version": attrs["schema_version"],
+        "softlabel_version": attrs.get("softlabel_version"),
+        "created": attrs.get("created"),
+        "teacher": attrs["teacher"],
+        "data": attrs["data"],
+        "augment": attrs["augment"],
+        "storage": attrs["storage"],
+        "views": views,
+        "complete": all(bool(d.all()) for d in flags.values()),
+        "bytes_total": int(sum(sizes.values())),
+        "bytes_per_sample_view": {k: (v / samples_done if samples_done else 0.0) for k, v in sorted(per_tensor.items())},
+    }
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def render(summary: dict[str, Any]) -> str:
+    t, d, a, s = summary["teacher"], summary["data"], summary["augment"], summary["storage"]
+    lines = [
+        f"cache      {summary['location']}  (schema {summary['schema_version']}, softlabel {summary['softlabel_version']}, created {summary['created']})",
+        f"teacher    {t['arch']}  nc={t['nc']}  strides={t['strides']}  reg_max={t['reg_max']}  sha256={t['sha256'][:12]}  {t['path']}",
+        f"           feature channels {dict(zip(t['levels'], t['feature_channels']))}",
+        f"data       {d['count']} images from {d['yaml']} ({d['split']}), list hash {d['images_hash'][:12]}",
+        f"augment    imgsz={a['imgsz']} seed={a['seed']} views={a['views']} close_views={a['close_views']} "
+        + " ".join(f"{k}={v}" for k, v in a.items() if k not in ("imgsz", "seed", "views", "close_views")),
+        f"storage    {s['dtype']}, codec {s['codec'].get('preset', s['codec']['name'])}, checksum {s['checksum']}, "
+        f"shard {s['shard_size']} samples, features {'levels ' + ','.join(s['levels']) if s['features'] else 'off'}",
+        "views      " + "  ".join(f"{v}: {x['shards_done']}/{x['shards_total']}" for v, x in summary["views"].items()),
+        f"complete   {'yes' if summary['complete'] else 'no (run the same dump command again to resume)'}",
+        f"on disk    {_mb(summary['bytes_total'])} in total; per sample-view:",
+    ]
+    for name, nbytes in summary["bytes_per_sample_view"].items():
+        lines.append(f"           {name:<14} {_mb(nbytes)}")
+    return "\n".join(lines)

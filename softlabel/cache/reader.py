@@ -1,0 +1,76 @@
+"""Read cached teacher tensors per (view, sample); safe to use inside DataLoader workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from softlabel.cache import store
+from softlabel.cache.schema import Layout, feat_path, fingerprint_path, head_path
+from softlabel.errors import UserError
+
+
+@dataclass
+class CachedSample:
+    head: dict[str, np.ndarray]  # level -> [4*reg_max + nc, H, W]
+    feat: dict[str, np.ndarray]  # level -> [C, H, W]
+    fingerprint: bytes
+
+
+class CacheReader:
+    def __init__(self, location: str):
+        self.location = str(location)
+        self.attrs: dict[str, Any] = store.read_attrs(self.location)
+        self.layout = Layout.from_attrs(self.attrs)
+        self._group = None
+        self._arrays: dict[str, Any] = {}
+
+    # zarr handles are opened lazily per process: a forked or spawned worker opens its own
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"], state["_arrays"] = None, {}
+        return state
+
+    def _array(self, path: str):
+        if path not in self._arrays:
+            if self._group is None:
+                self._group = store.open_group(self.location, mode="r")
+            self._arrays[path] = self._group[path]
+        return self._arrays[path]
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.attrs["teacher"]["levels"])
+
+    @property
+    def feature_levels(self) -> list[str]:
+        return list(self.layout.feat)
+
+    def done(self) -> dict[str, np.ndarray]:
+        return store.done_flags(store.open_group(self.location, mode="r"), self.layout)
+
+    def missing(self) -> dict[str, int]:
+        """Per view, how many shards are not done."""
+        return {v: int((~d).sum()) for v, d in self.done().items() if (~d).any()}
+
+    def require_complete(self) -> None:
+        missing = self.missing()
+        if missing:
+            total = self.layout.n_shards
+            parts = ", ".join(f"{v}: {n}/{total} shards missing" for v, n in missing.items())
+            raise UserError(
+                f"{self.location}: the cache is incomplete ({parts}); resume it by running the same "
+                "'softlabel dump' command again"
+            )
+
+    def fingerprint(self, view: str, index: int) -> bytes:
+        return np.asarray(self._array(fingerprint_path(view))[index]).tobytes()
+
+    def read(self, view: str, index: int) -> CachedSample:
+        if view not in self.layout.views:
+            raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
+        head = {lvl: np.asarray(self._array(head_path(view, lvl))[index]) for lvl in self.levels}
+        feat = {lvl: np.asarray(self._array(feat_path(view, lvl))[index]) for lvl in self.feature_levels}
+        return CachedSample(head=head, feat=feat, fingerprint=self.fingerprint(view, index))

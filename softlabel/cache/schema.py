@@ -1,0 +1,126 @@
+"""The cache's self-description: root attributes, array layout, and what must match to reuse a store.
+
+Layout (zarr v3):
+    samples/path          [N]                 image paths relative to the dataset root
+    {view}/fingerprint    [N, 16] uint8       blake2b-128 of the replayed image and labels
+    {view}/head/{level}   [N, 4*reg_max+nc, H, W]
+    {view}/feat/{level}   [N, C, H, W]
+    {view}/done           [N/S] uint8         1 once every array of that shard is durable
+with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from softlabel.errors import UserError
+
+FORMAT = "softlabel-cache"
+SCHEMA_VERSION = 1
+
+# Attributes that describe a run but do not change what a store holds: they may differ on resume.
+_VOLATILE = {"teacher.path", "data.yaml", "data.root", "created", "softlabel_version", "storage.writer"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shapes of one sample's tensors and how samples group into shards."""
+
+    count: int
+    shard_size: int
+    head: dict[str, tuple[int, int, int]]  # level -> (channels, H, W)
+    feat: dict[str, tuple[int, int, int]]
+    views: list[str]
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.count / self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
+
+    def arrays(self, view: str) -> dict[str, tuple[int, ...]]:
+        """Every per-sample tensor array of a view: path -> per-sample shape."""
+        out = {head_path(view, lvl): shape for lvl, shape in self.head.items()}
+        out.update({feat_path(view, lvl): shape for lvl, shape in self.feat.items()})
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
+        t, a, s = attrs["teacher"], attrs["augment"], attrs["storage"]
+        imgsz = a["imgsz"]
+        sizes = {lvl: (imgsz // st, imgsz // st) for lvl, st in zip(t["levels"], t["strides"])}
+        channels = dict(zip(t["levels"], t["feature_channels"]))
+        head = {lvl: (4 * t["reg_max"] + t["nc"], *sizes[lvl]) for lvl in t["levels"]}
+        feat = {lvl: (channels[lvl], *sizes[lvl]) for lvl in s["levels"]} if s["features"] else {}
+        views = [f"v{k}" for k in range(a["views"])] + [f"c{m}" for m in range(a["close_views"])]
+        return cls(count=attrs["data"]["count"], shard_size=s["shard_size"], head=head, feat=feat, views=views)
+
+
+def head_path(view: str, level: str) -> str:
+    return f"{view}/head/{level}"
+
+
+def feat_path(view: str, level: str) -> str:
+    return f"{view}/feat/{level}"
+
+
+def fingerprint_path(view: str) -> str:
+    return f"{view}/fingerprint"
+
+
+def done_path(view: str) -> str:
+    return f"{view}/done"
+
+
+def build_attrs(teacher: dict, data: dict, augment: dict, storage: dict, version: str, created: str) -> dict:
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "softlabel_version": version,
+        "created": created,
+        "teacher": teacher,
+        "data": data,
+        "augment": augment,
+        "storage": storage,
+    }
+
+
+def check_format(attrs: dict[str, Any], where: str) -> None:
+    """Refuse a store that is not a softlabel cache, or one written by a newer schema."""
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{where}: not a softlabel cache (no '{FORMAT}' format attribute)")
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise UserError(
+            f"{where}: cache schema version {version} is newer than this softlabel reads ({SCHEMA_VERSION}); "
+            "upgrade softlabel"
+        )
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def settings_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Each setting that differs, as 'key: stored -> wanted', ignoring ones that do not change content."""
+    a, b = _flatten(stored), _flatten(wanted)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in _VOLATILE or key.split(".")[0] in _VOLATILE:
+            continue
+        if _normal(a.get(key, "<absent>")) != _normal(b.get(key, "<absent>")):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
+
+
+def _normal(v: Any) -> Any:
+    # JSON turns tuples into lists; compare values, not container types
+    return list(v) if isinstance(v, tuple) else v

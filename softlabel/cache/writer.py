@@ -1,0 +1,117 @@
+"""Shard-owned background writing: the teacher never waits for compression or disk.
+
+Samples are buffered per (view, shard); a shard is handed to a writer thread only when all its
+samples are in, is written whole (zarr rewrites a shard object whole, so partial writes by two
+owners would lose rows), and its done flag is set only after every array of it is stored.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from softlabel.cache.schema import Layout, done_path, fingerprint_path
+from softlabel.errors import UserError
+from softlabel.replay import FINGERPRINT_BYTES
+
+
+@dataclass
+class _ShardBuffer:
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray]
+    fingerprints: np.ndarray
+    filled: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.filled = np.zeros(self.stop - self.start, bool)
+
+
+class CacheWriter:
+    """Collects per-sample tensors and writes complete shards on a small thread pool."""
+
+    def __init__(self, group: zarr.Group, layout: Layout, dtype: str = "float16", threads: int = 2, max_pending: int = 4):
+        self.group = group
+        self.layout = layout
+        self.dtype = np.dtype(dtype)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="softlabel-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)  # bounds memory held by shards in flight
+        self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
+        self._futures: list[Future] = []
+        self.bytes_written = 0  # raw tensor bytes handed to the store
+        self.shards_written = 0
+        self._lock = threading.Lock()
+
+    def _buffer(self, view: str, shard: int) -> _ShardBuffer:
+        key = (view, shard)
+        if key not in self._buffers:
+            start, stop = self.layout.shard_range(shard)
+            arrays = {name: np.zeros((stop - start, *shape), self.dtype) for name, shape in self.layout.arrays(view).items()}
+            fps = np.zeros((stop - start, FINGERPRINT_BYTES), np.uint8)
+            self._buffers[key] = _ShardBuffer(start, stop, arrays, fps)
+        return self._buffers[key]
+
+    def add(self, view: str, index: int, tensors: dict[str, np.ndarray], fingerprint: bytes) -> None:
+        """tensors: array path -> this sample's tensor (e.g. 'v0/head/p3' -> [C, H, W])."""
+        self.raise_errors()
+        shard = index // self.layout.shard_size
+        buf = self._buffer(view, shard)
+        row = index - buf.start
+        for name, value in tensors.items():
+            buf.arrays[name][row] = value
+        buf.fingerprints[row] = np.frombuffer(fingerprint, np.uint8)
+        buf.filled[row] = True
+        if buf.filled.all():
+            del self._buffers[(view, shard)]
+            self._slots.acquire()
+            self._futures.append(self._pool.submit(self._write, view, shard, buf))
+
+    def _write(self, view: str, shard: int, buf: _ShardBuffer) -> None:
+        try:
+            for name, data in buf.arrays.items():
+                self.group[name][buf.start : buf.stop] = data
+            self.group[fingerprint_path(view)][buf.start : buf.stop] = buf.fingerprints
+            # the flag goes last: a shard marked done is a shard whose every byte is stored
+            self.group[done_path(view)][shard] = 1
+            with self._lock:
+                self.bytes_written += sum(a.nbytes for a in buf.arrays.values())
+                self.shards_written += 1
+        except OSError as e:
+            raise UserError(f"writing shard {shard} of view {view} failed: {e.strerror or e}; the store resumes from the last finished shard") from e
+        finally:
+            self._slots.release()
+
+    def raise_errors(self) -> None:
+        """Surface the first failed write in the caller's thread."""
+        still = []
+        for f in self._futures:
+            if f.done():
+                f.result()
+            else:
+                still.append(f)
+        self._futures = still
+
+    def abort(self) -> None:
+        """After an error elsewhere: let submitted shards finish, drop partial ones, swallow write errors."""
+        self._buffers.clear()
+        for f in self._futures:
+            try:
+                f.result()
+            except Exception:
+                pass
+        self._pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Wait for every submitted shard; raise the first error. Unfinished shards stay not-done."""
+        try:
+            for f in self._futures:
+                f.result()
+            if self._buffers:
+                missing = ", ".join(f"{v}:{s}" for v, s in sorted(self._buffers))
+                raise RuntimeError(f"shards left incomplete: {missing}")
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,56 @@
+"""Per-level 1x1 projections from student feature channels to teacher feature channels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["FeatureAdapters"]
+
+
+class FeatureAdapters(nn.Module):
+    """1x1 convolution adapters (FitNets-style regressors) mapping student to teacher channels per level."""
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> None:
+        super().__init__()
+        student_channels, teacher_channels = list(student_channels), list(teacher_channels)
+        if len(student_channels) != len(teacher_channels):
+            raise ValueError(
+                f"student has {len(student_channels)} feature levels {student_channels}, "
+                f"teacher has {len(teacher_channels)} {teacher_channels}"
+            )
+        if not student_channels or min(student_channels + teacher_channels) <= 0:
+            raise ValueError(f"channels must be positive and non-empty, got {student_channels} -> {teacher_channels}")
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        # Plain conv with bias: the losses compare against raw teacher maps, so the adapter needs an
+        # offset, and BN statistics would drift between the small distillation batches and eval.
+        self.convs = nn.ModuleList(nn.Conv2d(cs, ct, 1) for cs, ct in zip(student_channels, teacher_channels))
+
+    def forward(self, feats: Sequence[Tensor], teacher_feats: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Project student ``feats``; when ``teacher_feats`` is given, check the shapes line up with it."""
+        if len(feats) != len(self.convs):
+            raise ValueError(f"expected {len(self.convs)} feature levels, got {len(feats)}")
+        if teacher_feats is not None and len(teacher_feats) != len(feats):
+            raise ValueError(f"student gave {len(feats)} feature levels, teacher {len(teacher_feats)}")
+        out = []
+        for level, (conv, f) in enumerate(zip(self.convs, feats)):
+            if f.ndim != 4 or f.shape[1] != conv.in_channels:
+                raise ValueError(
+                    f"level {level}: expected student map [B, {conv.in_channels}, H, W], got {tuple(f.shape)}"
+                )
+            if teacher_feats is not None:
+                t = teacher_feats[level]
+                if t.ndim != 4 or t.shape[0] != f.shape[0] or t.shape[2:] != f.shape[2:]:
+                    raise ValueError(
+                        f"level {level}: student map {tuple(f.shape)} and teacher map {tuple(t.shape)} "
+                        "differ in batch or spatial size"
+                    )
+                if t.shape[1] != conv.out_channels:
+                    raise ValueError(
+                        f"level {level}: adapter outputs {conv.out_channels} channels, "
+                        f"teacher map {tuple(t.shape)} has {t.shape[1]}"
+                    )
+            out.append(conv(f))
+        return out

@@ -1,0 +1,220 @@
+"""Phase one: replayed inputs -> teacher -> cache writer, resumable shard by shard."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import softlabel
+from softlabel.augment import load_augment
+from softlabel.cache import store
+from softlabel.cache.codecs import DEFAULT_CODEC, codec_spec
+from softlabel.cache.schema import Layout, build_attrs, feat_path, head_path, settings_diff
+from softlabel.cache.writer import CacheWriter
+from softlabel.data import build_index, load_data_yaml
+from softlabel.errors import UserError
+from softlabel.replay import Replay, View, all_views
+from softlabel.teacher import Teacher, to_model_input
+
+
+@dataclass
+class DumpSettings:
+    teacher: str
+    data: str
+    out: str
+    views: int = 1
+    close_views: int = 1
+    imgsz: int = 640
+    batch: int = 16
+    device: str = "cpu"
+    workers: int = 0
+    seed: int = 0
+    augment: str | None = None
+    levels: list[str] | None = None  # feature levels to keep; None keeps all
+    features: bool = True
+    overwrite: bool = False
+    codec: str = DEFAULT_CODEC
+    shard_size: int = 16
+    progress: bool = True
+
+
+@dataclass
+class DumpResult:
+    out: str
+    samples_done: int
+    shards_written: int
+    skipped_shards: int
+    views: list[str] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    d = str(device).strip().lower()
+    if d in ("", "cpu"):
+        return torch.device("cpu")
+    if d.isdigit() or d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' asked for, but CUDA is not available on this machine; use --device cpu")
+        return torch.device(f"cuda:{d}" if d.isdigit() else d)
+    if d == "mps":
+        return torch.device("mps")
+    raise UserError(f"unknown device '{device}' (use cpu, 0, 1, ... or cuda:N)")
+
+
+class _ReplayItems(Dataset):
+    """(view, index) items replayed in whichever process the DataLoader puts them."""
+
+    def __init__(self, replay: Replay, items: list[tuple[View, int]]):
+        self.replay = replay
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        view, i = self.items[j]
+        s = self.replay(i, view)
+        return view.key, i, s.image, s.fingerprint
+
+
+def _collate(batch):
+    views, indices, images, fps = zip(*batch)
+    return list(views), list(indices), torch.from_numpy(np.stack(images)), list(fps)
+
+
+def plan_batches(layout: Layout, done: dict[str, np.ndarray], batch: int, views: list[View]) -> tuple[list[tuple[View, int]], list[list[int]]]:
+    """Batches are fixed slices [b*batch, (b+1)*batch) of each view, so a resumed run feeds the
+    teacher exactly the batches an uninterrupted run would; a batch runs if it touches any shard
+    that is not done."""
+    items: list[tuple[View, int]] = []
+    batches: list[list[int]] = []
+    s = layout.shard_size
+    for view in views:
+        flags = done[view.key]
+        for start in range(0, layout.count, batch):
+            stop = min(start + batch, layout.count)
+            if flags[start // s : (stop - 1) // s + 1].all():
+                continue
+            batches.append(list(range(len(items), len(items) + stop - start)))
+            items.extend((view, i) for i in range(start, stop))
+    return items, batches
+
+
+def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, levels) -> dict:
+    teacher = teacher_info.to_dict()
+    data = {
+        "yaml": str(spec.yaml_path),
+        "root": str(spec.root),
+        "split": "train",
+        "count": len(index),
+        "images_hash": index.list_hash(),
+        "nc": spec.nc,
+        "names": list(spec.names),
+    }
+    aug = {**augment.to_dict(), "seed": settings.seed, "imgsz": settings.imgsz, "views": settings.views, "close_views": settings.close_views}
+    storage = {
+        "dtype": "float16",
+        "codec": {**codec_spec(settings.codec), "preset": settings.codec},
+        "checksum": "crc32c",
+        "quantisation": None,
+        "shard_size": settings.shard_size,
+        "features": settings.features,
+        "levels": levels if settings.features else [],
+    }
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return build_attrs(teacher, data, aug, storage, softlabel.__version__, created)
+
+
+def prepare(settings: DumpSettings):
+    """Everything that can fail on bad input, before the store is touched."""
+    if settings.views < 1:
+        raise UserError("--views must be at least 1")
+    if settings.close_views < 0:
+        raise UserError("--close-views must be 0 or more")
+    if settings.batch < 1 or settings.shard_size < 1:
+        raise UserError("--batch and --shard-size must be at least 1")
+    spec = load_data_yaml(settings.data)
+    augment = load_augment(settings.augment)
+    device = resolve_device(settings.device)
+    teacher = Teacher.load(settings.teacher, device=device)
+    info = teacher.info
+    if info.nc != spec.nc:
+        raise UserError(f"{settings.teacher}: teacher predicts {info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
+    levels = list(settings.levels) if settings.levels else list(info.levels)
+    unknown = [lvl for lvl in levels if lvl not in info.levels]
+    if unknown:
+        raise UserError(f"--levels {','.join(unknown)}: the teacher has levels {','.join(info.levels)}")
+    levels = [lvl for lvl in info.levels if lvl in levels]  # teacher order
+    if settings.imgsz % max(info.strides):
+        raise UserError(f"--imgsz {settings.imgsz} must be a multiple of the teacher's largest stride {max(info.strides)}")
+    index = build_index(spec, "train")
+    attrs = _dump_attrs(settings, info, spec, index, augment, levels)
+    replay = Replay(index, augment, settings.imgsz, settings.seed)
+    return teacher, replay, attrs
+
+
+def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str]):
+    """Create the store, or reopen it for a resume after checking that every setting matches."""
+    layout = Layout.from_attrs(attrs)
+    if store.exists(out):
+        existing = dict(store.open_group(out).attrs)
+        if overwrite or existing.get("creating"):
+            store.remove(out)
+        else:
+            stored = store.read_attrs(out)
+            diffs = settings_diff(stored, attrs)
+            if diffs:
+                raise UserError(f"{out}: the store was written with other settings: {'; '.join(diffs)} (--overwrite starts over)")
+            group = store.open_group(out, mode="r+")
+            store.ensure_arrays(group, stored, layout)
+            return group, layout
+    return store.create(out, attrs, layout, sample_paths), layout
+
+
+def run_dump(settings: DumpSettings) -> DumpResult:
+    teacher, replay, attrs = prepare(settings)
+    group, layout = open_for_dump(settings.out, attrs, settings.overwrite, replay.index.relative_paths())
+    views = all_views(settings.views, settings.close_views)
+    done = store.done_flags(group, layout)
+    items, batches = plan_batches(layout, done, settings.batch, views)
+    skipped = sum(int(d.sum()) for d in done.values())
+    loader = DataLoader(
+        _ReplayItems(replay, items),
+        batch_sampler=batches,
+        num_workers=settings.workers,
+        collate_fn=_collate,
+        pin_memory=teacher.device.type == "cuda",
+        prefetch_factor=4 if settings.workers else None,
+    )
+    writer = CacheWriter(group, layout, dtype=attrs["storage"]["dtype"])
+    levels = attrs["teacher"]["levels"]
+    feat_levels = attrs["storage"]["levels"]
+    bar = tqdm(total=len(items), unit="img", desc=f"dump {Path(settings.out).name}", disable=not settings.progress, dynamic_ncols=True)
+    written = 0
+    try:
+        for view_keys, indices, images, fps in loader:
+            out = teacher(to_model_input(images, teacher.device))
+            head = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.head)}
+            feat = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.feat) if lvl in feat_levels}
+            for b, (view, i) in enumerate(zip(view_keys, indices)):
+                if done[view][i // layout.shard_size]:
+                    continue  # a batch straddling a finished shard: that part is already stored
+                tensors = {head_path(view, lvl): t[b] for lvl, t in head.items()}
+                tensors.update({feat_path(view, lvl): t[b] for lvl, t in feat.items()})
+                writer.add(view, i, tensors, fps[b])
+                written += 1
+            bar.update(len(indices))
+            bar.set_postfix_str(f"{writer.bytes_written / 1e6:.1f} MB raw written", refresh=False)
+    except BaseException:
+        writer.abort()  # shards already complete still land; the rest resume next time
+        raise
+    else:
+        writer.close()
+    finally:
+        bar.close()
+    return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views])

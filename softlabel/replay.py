@@ -1,0 +1,260 @@
+"""Seed-replayable augmentation: (index, view, seed) -> the same uint8 image and labels, anywhere.
+
+Every random draw comes from one generator built from (seed, view kind, view number, index) and
+passed down explicitly. Nothing here reads or advances Python's `random`, NumPy's global state
+or torch's RNG, so a sample does not depend on the process, the worker, the order or the history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from softlabel.augment import AugmentConfig
+from softlabel.data import DatasetIndex
+from softlabel.errors import UserError
+
+PAD_VALUE = 114  # Ultralytics' letterbox grey
+FINGERPRINT_BYTES = 16
+
+
+class View(NamedTuple):
+    """A mosaic view ("v", k) or a closing, no-mosaic view ("c", m)."""
+
+    kind: str
+    number: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}{self.number}"
+
+    @classmethod
+    def parse(cls, key: str) -> "View":
+        if len(key) < 2 or key[0] not in "vc" or not key[1:].isdigit():
+            raise ValueError(f"not a view key: {key!r} (expected v<k> or c<m>)")
+        return cls(key[0], int(key[1:]))
+
+
+def all_views(views: int, close_views: int) -> list[View]:
+    return [View("v", k) for k in range(views)] + [View("c", m) for m in range(close_views)]
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # uint8 [imgsz, imgsz, 3], BGR as OpenCV reads it
+    labels: np.ndarray  # float32 [n, 5]: class, cx, cy, w, h normalised to the image
+    fingerprint: bytes
+
+
+def fingerprint(image: np.ndarray, labels: np.ndarray) -> bytes:
+    """A 128-bit hash of the exact teacher input: shape, pixel bytes and labels."""
+    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
+    h.update(np.asarray(image.shape, np.int64).tobytes())
+    h.update(np.ascontiguousarray(image).tobytes())
+    h.update(np.ascontiguousarray(labels, np.float32).tobytes())
+    return h.digest()
+
+
+def generator_for(seed: int, view: View, index: int) -> np.random.Generator:
+    kind = 0 if view.kind == "v" else 1
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, kind, view.number, index])))
+
+
+def _child(rng: np.random.Generator) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int(rng.integers(2**63))))
+
+
+def load_resized(path, imgsz: int) -> np.ndarray:
+    """Read an image and resize it so its long side is imgsz, keeping the aspect ratio."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"{path}: unreadable or corrupt image")
+    h0, w0 = image.shape[:2]
+    r = imgsz / max(h0, w0)
+    if r != 1:
+        size = (max(1, min(imgsz, round(w0 * r))), max(1, min(imgsz, round(h0 * r))))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return image
+
+
+def _boxes_xyxy(labels: np.ndarray, w: int, h: int) -> np.ndarray:
+    cx, cy, bw, bh = labels[:, 1] * w, labels[:, 2] * h, labels[:, 3] * w, labels[:, 4] * h
+    return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+
+
+class Replay:
+    """The augmentation pipeline of one dataset at one image size and seed."""
+
+    def __init__(self, index: DatasetIndex, augment: AugmentConfig, imgsz: int, seed: int):
+        if imgsz % 32:
+            raise UserError(f"imgsz must be a multiple of 32 (the largest stride), got {imgsz}")
+        self.index = index
+        self.augment = augment
+        self.imgsz = imgsz
+        self.seed = seed
+        self._albu = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __call__(self, i: int, view: View) -> Sample:
+        if not 0 <= i < len(self.index):
+            raise IndexError(f"sample {i} out of range for {len(self.index)} images")
+        rng = generator_for(self.seed, view, i)
+        closing = view.kind == "c"
+        image, cls, boxes = self._geometric(i, rng, allow_mosaic=not closing)
+        if not closing:
+            gate, partner, child, ratio = rng.random(), int(rng.integers(len(self.index))), _child(rng), rng.beta(32, 32)
+            if gate < self.augment.mixup:
+                image2, cls2, boxes2 = self._geometric(partner, child, allow_mosaic=True)
+                image = (image.astype(np.float32) * ratio + image2.astype(np.float32) * (1 - ratio)).astype(np.uint8)
+                cls, boxes = np.concatenate([cls, cls2]), np.concatenate([boxes, boxes2])
+        image = self._pixel(image, rng)
+        image, boxes = self._flips(image, boxes, rng)
+        labels = self._normalised(cls, boxes)
+        image = np.ascontiguousarray(image)
+        return Sample(image=image, labels=labels, fingerprint=fingerprint(image, labels))
+
+    # geometry -------------------------------------------------------------------------------
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = load_resized(self.index.images[i], self.imgsz)
+        labels = self.index.labels[i]
+        h, w = image.shape[:2]
+        return image, labels[:, 0].copy(), _boxes_xyxy(labels, w, h)
+
+    def _geometric(self, i: int, rng: np.random.Generator, allow_mosaic: bool):
+        s = self.imgsz
+        gate = rng.random()
+        partners = rng.integers(len(self.index), size=3)
+        centre = rng.uniform(s / 2, 3 * s / 2, size=2)
+        if allow_mosaic and gate < self.augment.mosaic:
+            image, cls, boxes = self._mosaic([i, *partners.tolist()], int(centre[0]), int(centre[1]))
+        else:
+            image, cls, boxes = self._letterbox(i)
+        return self._affine(image, cls, boxes, rng)
+
+    def _letterbox(self, i: int):
+        s = self.imgsz
+        image, cls, boxes = self._load(i)
+        h, w = image.shape[:2]
+        top, left = (s - h) // 2, (s - w) // 2
+        canvas = np.full((s, s, 3), PAD_VALUE, np.uint8)
+        canvas[top : top + h, left : left + w] = image
+        return canvas, cls, boxes + np.array([left, top, left, top], np.float32)
+
+    def _mosaic(self, indices: list[int], xc: int, yc: int):
+        """Four images meet at (xc, yc) on a 2s x 2s canvas; the affine step crops it back to s."""
+        s2 = 2 * self.imgsz
+        canvas = np.full((s2, s2, 3), PAD_VALUE, np.uint8)
+        all_cls, all_boxes = [], []
+        for tile, i in enumerate(indices):
+            image, cls, boxes = self._load(i)
+            h, w = image.shape[:2]
+            right, below = tile in (1, 3), tile in (2, 3)
+            x0, x1 = (xc, min(xc + w, s2)) if right else (max(xc - w, 0), xc)
+            y0, y1 = (yc, min(yc + h, s2)) if below else (max(yc - h, 0), yc)
+            # the part of the tile that fits: its inner corner touches the centre
+            sx0 = 0 if right else w - (x1 - x0)
+            sy0 = 0 if below else h - (y1 - y0)
+            canvas[y0:y1, x0:x1] = image[sy0 : sy0 + (y1 - y0), sx0 : sx0 + (x1 - x0)]
+            all_cls.append(cls)
+            all_boxes.append(boxes + np.array([x0 - sx0, y0 - sy0] * 2, np.float32))
+        boxes = np.clip(np.concatenate(all_boxes), 0, s2)
+        return canvas, np.concatenate(all_cls), boxes
+
+    def _affine(self, image: np.ndarray, cls: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
+        a, out = self.augment, self.imgsz
+        h, w = image.shape[:2]
+        draws = rng.uniform(-1, 1, size=7)
+        centre = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1]], np.float64)
+        persp = np.eye(3)
+        persp[2, :2] = draws[0:2] * a.perspective
+        scale = 1 + draws[3] * a.scale
+        rot = np.eye(3)
+        rot[:2] = cv2.getRotationMatrix2D((0, 0), float(draws[2] * a.degrees), float(scale))
+        shear = np.eye(3)
+        shear[0, 1] = math.tan(math.radians(draws[4] * a.shear))
+        shear[1, 0] = math.tan(math.radians(draws[5] * a.shear))
+        shift = np.eye(3)
+        shift[:2, 2] = (0.5 + np.array([draws[6], rng.uniform(-1, 1)]) * a.translate) * out
+        m = shift @ shear @ rot @ persp @ centre
+        border = (PAD_VALUE,) * 3
+        if a.perspective:
+            image = cv2.warpPerspective(image, m, (out, out), borderValue=border)
+        else:
+            image = cv2.warpAffine(image, m[:2], (out, out), borderValue=border)
+        if len(boxes) == 0:
+            return image, cls, boxes
+        corners = np.ones((len(boxes) * 4, 3))
+        corners[:, :2] = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(-1, 2)
+        corners = corners @ m.T
+        xy = corners[:, :2] / (corners[:, 2:3] if a.perspective else 1)
+        xy = xy.reshape(-1, 8)
+        new = np.stack([xy[:, 0::2].min(1), xy[:, 1::2].min(1), xy[:, 0::2].max(1), xy[:, 1::2].max(1)], 1)
+        new = np.clip(new, 0, out).astype(np.float32)
+        keep = self._candidates(boxes, new, scale)
+        return image, cls[keep], new[keep]
+
+    @staticmethod
+    def _candidates(before: np.ndarray, after: np.ndarray, scale: float) -> np.ndarray:
+        """Keep boxes that stay visible: over 2 px each side, over 10% of their area, not slivers."""
+        w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
+        w2, h2 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
+        aspect = np.maximum(w2 / (h2 + 1e-16), h2 / (w2 + 1e-16))
+        area = (w2 * h2) / (w1 * h1 * scale * scale + 1e-16)
+        return (w2 > 2) & (h2 > 2) & (area > 0.1) & (aspect < 100)
+
+    # pixels ---------------------------------------------------------------------------------
+
+    def _albumentations(self):
+        if self._albu is None:
+            import albumentations as A
+
+            self._albu = A.Compose([A.Blur(p=0.01), A.MedianBlur(p=0.01), A.ToGray(p=0.01), A.CLAHE(p=0.01)])
+        return self._albu
+
+    def _pixel(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a = self.augment
+        albu_np, albu_py = _child(rng), int(rng.integers(2**63))
+        gains = rng.uniform(-1, 1, 3) * [a.hsv_h, a.hsv_s, a.hsv_v] + 1
+        if a.albumentations:
+            compose = self._albumentations()
+            # albumentations keeps its own generators; seeding them per call makes the call pure
+            compose.set_random_state(albu_np, random.Random(albu_py))
+            image = compose(image=image)["image"]
+        if a.hsv_h or a.hsv_s or a.hsv_v:
+            hue, sat, val = cv2.split(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
+            x = np.arange(256, dtype=np.float64)
+            lut_h = ((x * gains[0]) % 180).astype(np.uint8)
+            lut_s = np.clip(x * gains[1], 0, 255).astype(np.uint8)
+            lut_v = np.clip(x * gains[2], 0, 255).astype(np.uint8)
+            hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+        return image
+
+    def _flips(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
+        s = self.imgsz
+        ud, lr = rng.random(2)
+        if ud < self.augment.flipud:
+            image = image[::-1]
+            boxes = np.stack([boxes[:, 0], s - boxes[:, 3], boxes[:, 2], s - boxes[:, 1]], 1)
+        if lr < self.augment.fliplr:
+            image = image[:, ::-1]
+            boxes = np.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], 1)
+        return image, boxes
+
+    def _normalised(self, cls: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        s = float(self.imgsz)
+        boxes = np.clip(boxes.reshape(-1, 4), 0, s)
+        xywh = np.stack(
+            [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]],
+            1,
+        ) / s
+        return np.concatenate([cls.reshape(-1, 1), xywh], 1).astype(np.float32)

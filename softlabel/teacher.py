@@ -1,0 +1,173 @@
+"""Load an Ultralytics detection checkpoint and capture its raw head outputs and neck features."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from softlabel.errors import UserError
+
+SUPPORTED = "Ultralytics detection checkpoints whose Detect head predicts DFL bins (YOLOv8, YOLO11, YOLO12, ...)"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a cache records about the teacher that produced it."""
+
+    path: str
+    sha256: str
+    arch: str
+    nc: int
+    names: list[str]
+    strides: list[int]
+    reg_max: int
+    levels: list[str]
+    feature_channels: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_channels(self) -> int:
+        return 4 * self.reg_max + self.nc
+
+
+@dataclass
+class TeacherOutput:
+    """Per level l: head [B, 4*reg_max + nc, H_l, W_l] (DFL bins then class logits) and feat [B, C_l, H_l, W_l]."""
+
+    head: list[torch.Tensor]
+    feat: list[torch.Tensor]
+
+
+def level_name(stride: int) -> str:
+    return f"p{int(round(math.log2(stride)))}"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+def describe(model: nn.Module, path: str = "", sha256: str = "") -> TeacherInfo:
+    """Check that a model is a plain DFL detector and say what the cache needs to know of it."""
+    task = getattr(model, "task", None)
+    head = detect_head(model) if hasattr(model, "model") else None
+    head_kind = type(head).__name__ if head is not None else type(model).__name__
+    where = f"{path}: " if path else ""
+    if task not in (None, "detect") or head_kind != "Detect":
+        what = f"a {task} model" if task and task != "detect" else f"a model with a {head_kind} head"
+        raise UserError(f"{where}{what} is not supported; softlabel distils {SUPPORTED}")
+    if getattr(head, "one2one_cv2", None) is not None or getattr(head, "end2end", False):
+        raise UserError(
+            f"{where}an end-to-end (one-to-one, NMS-free) Detect head such as YOLO26's or YOLOv10's is not "
+            f"supported yet; softlabel distils {SUPPORTED}"
+        )
+    if head.reg_max <= 1:
+        raise UserError(f"{where}the Detect head has reg_max={head.reg_max} (no DFL bins); softlabel distils {SUPPORTED}")
+    strides = [int(s) for s in head.stride.tolist()]
+    if not strides or min(strides) <= 0:
+        raise UserError(f"{where}the model has no strides; is it a built detection model?")
+    names = getattr(model, "names", None) or {i: str(i) for i in range(head.nc)}
+    names = [str(names[i]) for i in range(head.nc)] if isinstance(names, dict) else [str(n) for n in names]
+    yaml_file = (getattr(model, "yaml", None) or {}).get("yaml_file", "")
+    arch = Path(yaml_file).stem if yaml_file else type(model).__name__
+    return TeacherInfo(
+        path=str(path),
+        sha256=sha256,
+        arch=arch,
+        nc=int(head.nc),
+        names=names,
+        strides=strides,
+        reg_max=int(head.reg_max),
+        levels=[level_name(s) for s in strides],
+        feature_channels=[int(seq[0].conv.in_channels) for seq in head.cv2],
+    )
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, TeacherInfo]:
+    """Read a checkpoint from disk and refuse anything that is not a supported detector."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: teacher checkpoint not found")
+    from ultralytics.nn.tasks import load_checkpoint
+
+    try:
+        with contextlib.redirect_stdout(None):
+            model, _ = load_checkpoint(str(path), device="cpu")
+    except Exception as e:  # a pickle, a zip, a text file: every loader fails its own way
+        raise UserError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{path}: not an Ultralytics checkpoint")
+    info = describe(model, str(path), file_sha256(path))
+    return model, info
+
+
+class Teacher:
+    """A frozen detector in eval mode; one call -> raw head outputs and neck features per level."""
+
+    def __init__(self, model: nn.Module, info: TeacherInfo, device: str | torch.device = "cpu", amp: bool = True):
+        self.info = info
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().float()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.amp = amp and self.device.type == "cuda"
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True) -> "Teacher":
+        model, info = load_model(path)
+        return cls(model, info, device, amp)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> TeacherOutput:
+        """images: float [B, 3, H, W] RGB in [0, 1] on the teacher's device."""
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            out = self.model(images)
+        preds = out[1] if isinstance(out, (tuple, list)) else out
+        return split_levels(preds["boxes"], preds["scores"], preds["feats"])
+
+
+def split_levels(boxes: torch.Tensor, scores: torch.Tensor, feats: Sequence[torch.Tensor]) -> TeacherOutput:
+    """Turn the head's anchor-major tensors [B, C, A] back into per-level maps [B, C, H, W]."""
+    head, start = [], 0
+    for f in feats:
+        b, _, h, w = f.shape
+        n = h * w
+        head.append(torch.cat([boxes[:, :, start : start + n], scores[:, :, start : start + n]], 1).reshape(b, -1, h, w))
+        start += n
+    return TeacherOutput(head=head, feat=list(feats))
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] BGR (as replayed) -> float [B, 3, H, W] RGB in [0, 1], as Ultralytics feeds models."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).flip(1)
+    return x.float().div_(255)
+
+
+def save_checkpoint_from_yaml(cfg: str, names: Sequence[str], path: str | Path) -> Path:
+    """Build a detector from an Ultralytics model yaml and save it as a checkpoint Ultralytics loads."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    with contextlib.redirect_stdout(None):
+        model = DetectionModel(cfg, nc=len(names), verbose=False)
+    model.names = {i: str(n) for i, n in enumerate(names)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": copy.deepcopy(model).half(), "ema": None, "epoch": -1, "train_args": {}}, path)
+    return path
