@@ -1,0 +1,259 @@
+"""Phase one end to end: dump, self-description, resume (contracts 4 and 5), and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from conftest import make_dataset
+from softlabel.cache import store
+from softlabel.cache.reader import CacheReader
+from softlabel.cli import main
+from softlabel.data import build_index, load_data_yaml
+from softlabel.augment import load_augment
+from softlabel.replay import Replay, View
+from softlabel.teacher import Teacher, to_model_input
+
+ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet"]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def dump_args(teacher, data, out, *extra):
+    return ["dump", "--teacher", teacher, "--data", data, "--out", out, *ARGS, *extra]
+
+
+def arrays_of(location) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(location), mode="r")
+    out = {}
+
+    def walk(g, prefix=""):
+        for name, arr in g.arrays():
+            out[prefix + name] = np.asarray(arr[:])
+        for name, sub in g.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(group)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory, dataset, teacher):
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    result = run_cli(*dump_args(teacher, dataset, out))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return out
+
+
+def test_dump_writes_every_view_and_describes_itself(dumped, dataset, teacher):
+    result = run_cli("info", dumped, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    for key in ("schema_version", "teacher", "data", "augment", "storage", "views", "complete", "bytes_total", "bytes_per_sample_view"):
+        assert key in info
+    assert info["complete"] is True
+    assert set(info["views"]) == {"v0", "v1", "c0"}
+    t = info["teacher"]
+    assert t["nc"] == 3 and t["strides"] == [8, 16, 32] and t["reg_max"] == 16
+    assert t["feature_channels"] == [64, 128, 256] and t["names"] == ["square", "disc", "bar"]
+    assert len(t["sha256"]) == 64
+    assert info["data"]["count"] == 12 and info["data"]["images_hash"]
+    assert info["augment"]["imgsz"] == 64 and info["augment"]["views"] == 2 and info["augment"]["mosaic"] == 1.0
+    assert info["storage"]["dtype"] == "float16" and info["storage"]["checksum"] == "crc32c"
+    assert info["bytes_total"] > 0 and info["bytes_per_sample_view"]["head/p3"] > 0
+    human = run_cli("info", dumped)
+    assert "complete   yes" in human.stdout and "head/p3" in human.stdout
+
+
+def test_cached_tensors_equal_teacher_on_replayed_input(dumped, dataset, teacher):
+    reader = CacheReader(str(dumped))
+    replay = Replay(build_index(load_data_yaml(dataset)), load_augment(), 64, seed=0)
+    t = Teacher.load(teacher)
+    for view, i in [(View("v", 0), 0), (View("v", 1), 5), (View("c", 0), 11)]:
+        sample = replay(i, view)
+        cached = reader.read(view.key, i)
+        assert cached.fingerprint == sample.fingerprint
+        out = t(to_model_input(torch.from_numpy(sample.image[None]), t.device))
+        for lvl, live in zip(reader.levels, out.head):
+            np.testing.assert_allclose(cached.head[lvl].astype(np.float32), live[0].numpy(), rtol=2e-3, atol=2e-3)
+        for lvl, live in zip(reader.levels, out.feat):
+            np.testing.assert_allclose(cached.feat[lvl].astype(np.float32), live[0].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_resumes_nothing_and_other_settings_are_refused(dumped, dataset, teacher):
+    before = arrays_of(dumped)
+    again = run_cli(*dump_args(teacher, dataset, dumped))
+    assert again.exit_code == 0 and "0 sample-views written" in again.stdout
+    refused = run_cli(*dump_args(teacher, dataset, dumped, "--seed", "5", "--no-features"))
+    assert refused.exit_code == 2
+    assert "augment.seed: 0 -> 5" in refused.stderr and "storage.features: True -> False" in refused.stderr
+    after = arrays_of(dumped)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_levels_and_no_features(tmp_path, dataset, teacher):
+    out = tmp_path / "p45.zarr"
+    assert run_cli(*dump_args(teacher, dataset, out, "--levels", "p4,p5", "--views", "1", "--close-views", "0")).exit_code == 0
+    group = zarr.open_group(str(out), mode="r")
+    assert "v0/feat/p4" in group and "v0/feat/p5" in group and "v0/feat/p3" not in group and "c0" not in group
+    out2 = tmp_path / "nofeat.zarr"
+    assert run_cli(*dump_args(teacher, dataset, out2, "--no-features", "--views", "1")).exit_code == 0
+    assert "v0/feat" not in zarr.open_group(str(out2), mode="r")
+    bad = run_cli(*dump_args(teacher, dataset, tmp_path / "x.zarr", "--levels", "p6"))
+    assert bad.exit_code == 2 and "p6" in bad.stderr
+
+
+def test_overwrite_starts_over(tmp_path, dataset, teacher):
+    out = tmp_path / "o.zarr"
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1")).exit_code == 0
+    again = run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--seed", "3", "--overwrite"))
+    assert again.exit_code == 0
+    assert store.read_attrs(str(out))["augment"]["seed"] == 3
+
+
+def _done_shards(out: Path) -> int:
+    try:
+        group = zarr.open_group(str(out), mode="r")
+        return sum(int(np.asarray(group[f"{v}/done"][:]).sum()) for v in ("v0", "v1", "c0") if f"{v}/done" in group)
+    except Exception:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dataset, teacher, dumped):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "softlabel", *dump_args(teacher, dataset, out, "--shard-size", "2", "--batch", "2")]
+    reference = tmp_path / "ref.zarr"
+    assert run_cli(*dump_args(teacher, dataset, reference, "--shard-size", "2", "--batch", "2")).exit_code == 0
+    rng = np.random.default_rng(int(time.time()))
+    kills = 0
+    for attempt in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        target = _done_shards(out) + 1 + attempt
+        while _done_shards(out) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0, 0.3)))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "the dump finished before it could be killed"
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = arrays_of(out), arrays_of(reference)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+# bad input: exit code 2, one line naming the culprit, no traceback, the store untouched ---------------------
+
+
+def _assert_clean_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def existing_store(tmp_path, dumped):
+    import shutil
+
+    out = tmp_path / "keep.zarr"
+    shutil.copytree(dumped, out)
+    return out
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_missing_and_malformed_data_yaml(tmp_path, teacher, existing_store):
+    before = _snapshot(existing_store)
+    missing = tmp_path / "nope.yaml"
+    _assert_clean_error(run_cli(*dump_args(teacher, missing, existing_store)), missing, "not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    _assert_clean_error(run_cli(*dump_args(teacher, bad, existing_store)), bad, "YAML")
+    no_names = tmp_path / "nonames.yaml"
+    no_names.write_text("train: images\n")
+    _assert_clean_error(run_cli(*dump_args(teacher, no_names, existing_store)), no_names, "names")
+    assert _snapshot(existing_store) == before
+
+
+def test_teacher_missing_not_a_checkpoint_or_not_detection(tmp_path, dataset, existing_store):
+    before = _snapshot(existing_store)
+    missing = tmp_path / "missing.pt"
+    _assert_clean_error(run_cli(*dump_args(missing, dataset, existing_store)), missing, "not found")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    _assert_clean_error(run_cli(*dump_args(junk, dataset, existing_store)), junk, "not an Ultralytics checkpoint")
+    from ultralytics.nn.tasks import ClassificationModel, SegmentationModel
+
+    for cls, cfg, word in ((SegmentationModel, "yolov8n-seg.yaml", "segment"), (ClassificationModel, "yolov8n-cls.yaml", "classify")):
+        path = tmp_path / f"{word}.pt"
+        torch.save({"model": cls(cfg, nc=3, verbose=False).half(), "train_args": {}}, path)
+        _assert_clean_error(run_cli(*dump_args(path, dataset, existing_store)), path, word, "supported")
+    assert _snapshot(existing_store) == before
+
+
+def test_end_to_end_head_refused(tmp_path, dataset):
+    from ultralytics.nn.tasks import DetectionModel
+
+    path = tmp_path / "e2e.pt"
+    torch.save({"model": DetectionModel("yolo26n.yaml", nc=3, verbose=False).half(), "train_args": {}}, path)
+    _assert_clean_error(run_cli(*dump_args(path, dataset, tmp_path / "e.zarr")), path, "end-to-end")
+    assert not (tmp_path / "e.zarr").exists()
+
+
+def test_teacher_class_count_mismatch(tmp_path, dataset, existing_store):
+    before = _snapshot(existing_store)
+    from softlabel.teacher import save_checkpoint_from_yaml
+
+    four = save_checkpoint_from_yaml("yolov8n.yaml", ["a", "b", "c", "d"], tmp_path / "t4.pt")
+    _assert_clean_error(run_cli(*dump_args(four, dataset, existing_store)), four, "4 classes", "nc=3")
+    assert _snapshot(existing_store) == before
+
+
+def test_corrupt_image_and_bad_labels_name_the_file(tmp_path, teacher):
+    root = tmp_path / "d"
+    data = make_dataset(root, n_train=4, n_val=1)
+    image = sorted((root / "images" / "train").glob("*"))[1]
+    original = image.read_bytes()
+    image.write_bytes(original[: len(original) // 3])
+    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c1.zarr")), image.name, "corrupt")
+    image.write_bytes(original)
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("0 0.5 0.5 0.2\n")
+    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c2.zarr")), f"{label}:1", "malformed")
+    label.write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c3.zarr")), f"{label}:2", "class id 7")
+    empty = tmp_path / "empty"
+    (empty / "images" / "train").mkdir(parents=True)
+    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nnames: [a, b, c]\n")
+    _assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "no images")
+    for i in range(1, 5):
+        assert not (tmp_path / f"c{i}.zarr").exists()
+
+
+def test_newer_schema_is_refused(tmp_path, existing_store):
+    group = zarr.open_group(str(existing_store), mode="r+")
+    group.attrs["schema_version"] = 99
+    _assert_clean_error(run_cli("info", existing_store), "schema version 99", "upgrade")
