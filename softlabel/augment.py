@@ -69,6 +69,13 @@ class AugmentConfig:
         return cfg
 
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "AugmentConfig":
+        """The augmentation part of a cache's attributes (which also holds seed, imgsz and views)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in attrs.items() if k in names})
+
+
 def _as_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

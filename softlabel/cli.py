@@ -83,5 +83,49 @@ def info(store, as_json):
     click.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
+@main.command()
+@click.option("--student", "students", multiple=True, required=True,
+              help="Student: a model name (yolov8n, yolo11n, ...), a model .yaml or a .pt checkpoint. Repeat to train several in turn.")
+@click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
+@click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
+@click.option("--data", required=True, help="Ultralytics data.yaml: the same data the cache was dumped from.")
+@click.option("--epochs", default=100, show_default=True, help="Training epochs (Ultralytics' meaning).")
+@click.option("--distill", "distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
+@click.option("--imgsz", default=None, type=int, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
+@click.option("--batch", default=16, show_default=True, help="Batch size (Ultralytics' meaning).")
+@click.option("--device", default=None, help="cpu, 0, 0,1 (DDP), ... (Ultralytics' meaning) [default: Ultralytics' choice].")
+@click.option("--workers", default=8, show_default=True, help="DataLoader workers replaying and reading the cache (forced to 0 on CPU by Ultralytics).")
+@click.option("--seed", default=0, show_default=True, help="Training seed (initialisation, shuffling); the replay seed comes from the cache.")
+@click.option("--close-mosaic", default=10, show_default=True, help="Last N epochs replay closing (no-mosaic) views.")
+@click.option("--project", default=None, help="Ultralytics project folder for runs.")
+@click.option("--name", default=None, help="Run name (one per student, suffixed with the student when several).")
+@click.option("--plots/--no-plots", default=False, show_default=True, help="Ultralytics' training plots (fetch a font on first use).")
+@click.option("--views", default=1, show_default=True, help="Online mode: mosaic views to cycle through, as a dump would.")
+@click.option("--close-views", default=1, show_default=True, help="Online mode: closing views, as a dump would.")
+@click.option("--augment", default=None, help="Online mode: augmentation YAML [default: configs/augment/default.yaml].")
+@click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
+def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
+    """Train one or more students against a cache (or a live teacher), then print a table."""
+    from softlabel.distill.config import load_distill
+    from softlabel.train import render_table, train_students
+
+    if bool(cache) == bool(teacher):
+        raise UserError("give exactly one of --cache (offline) or --teacher (online)")
+    load_distill(distill)  # a bad config stops here, before any model is built
+    if cache:
+        from softlabel.cache.store import read_attrs
+
+        cache_imgsz = int(read_attrs(cache)["augment"]["imgsz"])
+        imgsz = imgsz or cache_imgsz
+    imgsz = imgsz or 640
+    settings = dict(cache=cache, teacher_path=teacher, distill_config=distill, replay_seed=replay_seed,
+                    augment_config=augment, views=views, close_views=close_views)
+    args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
+                plots=plots, exist_ok=False)
+    args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})
+    rows = train_students(list(students), settings, **args)
+    click.echo(render_table(rows))
+
+
 if __name__ == "__main__":
     main()

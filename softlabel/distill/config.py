@@ -1,0 +1,102 @@
+"""Read a distillation YAML (configs/distill/*.yaml) into built loss modules and a schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from softlabel.distill.losses import LOSSES, build_loss
+from softlabel.distill.schedule import DistillSchedule
+from softlabel.errors import UserError
+
+TERMS = ("cls", "box", "feat")
+DEFAULT_DISTILL = Path(__file__).resolve().parents[2] / "configs" / "distill" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class Term:
+    loss: str
+    weight: float
+    options: dict[str, Any]
+    levels: tuple[str, ...] | None = None  # feature levels; None means every cached level
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    terms: dict[str, Term] = field(default_factory=dict)
+    schedule: DistillSchedule = field(default_factory=DistillSchedule)
+    source: str = "<defaults>"
+
+    def build(self, name: str, **extra: Any) -> nn.Module:
+        term = self.terms[name]
+        try:
+            return build_loss(term.loss, **term.options, **extra)
+        except ValueError as e:
+            raise UserError(f"{self.source}: '{name}': {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, t in self.terms.items():
+            out[name] = {"loss": t.loss, "weight": t.weight, **t.options}
+            if t.levels is not None:
+                out[name]["levels"] = list(t.levels)
+        out["schedule"] = dataclasses.asdict(self.schedule)
+        return out
+
+
+def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping with any of {', '.join(TERMS)}, schedule")
+    unknown = set(raw) - {*TERMS, "schedule"}
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(TERMS)}, schedule")
+    terms = {}
+    for name in TERMS:
+        spec = raw.get(name)
+        if spec is None or (isinstance(spec, dict) and spec.get("loss") in (None, "none")):
+            continue
+        if not isinstance(spec, dict):
+            raise UserError(f"{source}: '{name}' must be a mapping with 'loss' and 'weight'")
+        spec = dict(spec)
+        loss = str(spec.pop("loss"))
+        if loss not in LOSSES:
+            raise UserError(f"{source}: '{name}': unknown loss '{loss}'; valid losses: {', '.join(sorted(LOSSES))}")
+        if LOSSES[loss].target != name:
+            valid = sorted(k for k, v in LOSSES.items() if v.target == name)
+            raise UserError(f"{source}: '{name}': loss '{loss}' distils '{LOSSES[loss].target}'; for '{name}' use one of {', '.join(valid)}")
+        weight = float(spec.pop("weight", 1.0))
+        levels = spec.pop("levels", None)
+        if levels is not None and name != "feat":
+            raise UserError(f"{source}: 'levels' applies to 'feat' only")
+        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None)
+    sched = raw.get("schedule") or {}
+    valid = {f.name for f in dataclasses.fields(DistillSchedule)}
+    bad = set(sched) - valid
+    if bad:
+        raise UserError(f"{source}: schedule: unknown key(s) {', '.join(sorted(bad))}; valid keys: {', '.join(sorted(valid))}")
+    try:
+        schedule = DistillSchedule(**sched)
+        schedule.factor(0, 1, False)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: schedule: {e}") from None
+    config = DistillConfig(terms=terms, schedule=schedule, source=source)
+    for name in terms:
+        if name != "feat" or terms[name].loss != "mgd":  # mgd needs the channel count, checked when built
+            config.build(name)
+    return config
+
+
+def load_distill(path: str | Path | None = None) -> DistillConfig:
+    path = Path(path) if path else DEFAULT_DISTILL
+    if not path.is_file():
+        raise UserError(f"{path}: distillation config not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_distill(raw, str(path))

@@ -1,0 +1,94 @@
+"""All distillation terms of one student: the configured losses plus the feature adapters.
+
+Takes tensors only (the student's train-mode head dict and the teacher's tensors), so the cache,
+a live teacher and the tests all feed it the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from softlabel.distill.adapters import FeatureAdapters
+from softlabel.distill.config import DistillConfig
+from softlabel.errors import UserError
+
+ITEM = {"cls": "kd_cls", "box": "kd_box", "feat": "kd_feat"}
+
+
+@dataclass
+class TeacherBatch:
+    head: Tensor  # [B, 4*reg_max + nc, A]: DFL bins then class logits, anchors P3..P5 row-major
+    feats: dict[str, Tensor]  # level -> [B, C, H, W]
+
+
+class Distiller(nn.Module):
+    def __init__(
+        self,
+        config: DistillConfig,
+        reg_max: int,
+        student_levels: list[str],
+        student_channels: list[int],
+        teacher_levels: list[str],
+        teacher_channels: list[int],
+    ):
+        super().__init__()
+        self.config = config
+        self.reg_max = reg_max
+        self.weights = {name: term.weight for name, term in config.terms.items()}
+        self.losses = nn.ModuleDict()
+        for name in ("cls", "box"):
+            if name in config.terms:
+                self.losses[name] = config.build(name)
+        self.feat_levels: list[str] = []
+        if "feat" in config.terms:
+            wanted = list(config.terms["feat"].levels or teacher_levels)
+            missing = [lvl for lvl in wanted if lvl not in teacher_levels or lvl not in student_levels]
+            if missing:
+                raise UserError(
+                    f"{config.source}: feature level(s) {', '.join(missing)} not available: the cache holds "
+                    f"{', '.join(teacher_levels) or 'no features'}, the student has {', '.join(student_levels)}"
+                )
+            self.feat_levels = wanted
+            s_ch = [student_channels[student_levels.index(lvl)] for lvl in wanted]
+            t_ch = [teacher_channels[teacher_levels.index(lvl)] for lvl in wanted]
+            self.adapters = FeatureAdapters(s_ch, t_ch)
+            extra = {"channels": None} if config.terms["feat"].loss == "mgd" else {}
+            # one loss module per level: a generative loss (MGD) owns per-level parameters
+            self.feat_losses = nn.ModuleList(
+                config.build("feat", **({"channels": c} if extra else {})) for c in t_ch
+            )
+        self.factor = 1.0  # the schedule's multiplier for the current epoch
+
+    @property
+    def item_names(self) -> list[str]:
+        return [ITEM[name] for name in ("cls", "box", "feat") if name in self.config.terms]
+
+    def forward(self, student: dict, teacher: TeacherBatch, student_levels: list[str]) -> dict[str, Tensor]:
+        """Weighted distillation terms (already multiplied by the schedule factor), keyed by item name."""
+        box_ch = 4 * self.reg_max
+        t_boxes, t_scores = teacher.head[:, :box_ch].float(), teacher.head[:, box_ch:].float()
+        out: dict[str, Tensor] = {}
+        zero = student["scores"].new_zeros(())
+        if self.factor == 0:
+            return {name: zero for name in self.item_names}
+        if "cls" in self.losses:
+            out["kd_cls"] = self.weights["cls"] * self.losses["cls"](student["scores"], t_scores)
+        if "box" in self.losses:
+            loss = self.losses["box"]
+            weight = t_scores.sigmoid().amax(1) if getattr(loss, "confidence_weighted", False) else None
+            out["kd_box"] = self.weights["box"] * loss(student["boxes"], t_boxes, weight)
+        if self.feat_levels:
+            s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
+            t_feats = [teacher.feats[lvl].float() for lvl in self.feat_levels]
+            projected = self.adapters(s_feats, t_feats)
+            terms = [fn(s.float(), t) for fn, s, t in zip(self.feat_losses, projected, t_feats)]
+            out["kd_feat"] = self.weights["feat"] * torch.stack(terms).mean()
+        return {k: v * self.factor for k, v in out.items()}
+
+
+def split_head(head_levels: list[Tensor]) -> Tensor:
+    """Per-level [B, C, H, W] maps -> [B, C, A] in the head's anchor order."""
+    return torch.cat([h.flatten(2) for h in head_levels], 2)

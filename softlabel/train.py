@@ -1,0 +1,415 @@
+"""Phase two: a thin DetectionTrainer subclass that trains a student against the cache (or a live teacher).
+
+What stays Ultralytics': the model, the detection loss and its assignment, optimizer, schedule,
+EMA, AMP, validation, checkpoints and resume. What is ours: the training dataset (replayed
+samples plus teacher tensors), the epoch-carrying sampler, and the distillation terms added to
+the criterion. Adapters live on the trainer, never on the model, so checkpoints stay plain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from ultralytics.data.build import InfiniteDataLoader
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.torch_utils import unwrap_model
+
+from softlabel.augment import AugmentConfig, load_augment
+from softlabel.cache.reader import CacheReader
+from softlabel.data import build_index, load_data_yaml
+from softlabel.distill.config import load_distill
+from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
+from softlabel.errors import UserError
+from softlabel.replay import Replay, View
+from softlabel.teacher import Teacher, level_name
+
+DISTILL_STATE = "distill_state.pt"
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Which cached view a student epoch replays: mosaic view e mod K, closing view e mod M at the end."""
+
+    epochs: int
+    close_mosaic: int
+    views: int
+    close_views: int
+
+    def closing(self, epoch: int) -> bool:
+        return self.close_mosaic > 0 and epoch >= self.epochs - self.close_mosaic
+
+    def view(self, epoch: int) -> View:
+        if self.closing(epoch):
+            return View("c", epoch % self.close_views)
+        return View("v", epoch % self.views)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch): the epoch travels with every index into the workers, so a persistent
+    worker never has to be told which epoch it is. Counts epochs itself, one per pass."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.next_epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self):
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: len(self) * self.world - self.n]  # equal share per rank
+        for i in order[self.rank :: self.world]:
+            yield i, epoch
+
+
+class DistillDataset(Dataset):
+    """Replayed samples in Ultralytics' batch format, with the cached teacher tensors when a cache is given."""
+
+    def __init__(self, replay: Replay, plan: ViewPlan, reader: CacheReader | None = None):
+        self.replay = replay
+        self.plan = plan
+        self.reader = reader
+        self.index = replay.index
+        # what Ultralytics reads of a train dataset (label plots, class weights, max_det checks)
+        self.labels = [{"cls": lab[:, :1].copy(), "bboxes": lab[:, 1:].copy(), "im_file": str(p)} for lab, p in zip(self.index.labels, self.index.images)]
+        self.im_files = [str(p) for p in self.index.images]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        i, epoch = item
+        view = self.plan.view(epoch)
+        s = self.replay(i, view)
+        n = len(s.labels)
+        out: dict[str, Any] = {
+            "im_file": str(self.index.images[i]),
+            "ori_shape": self.index.sizes[i] if self.index.sizes else s.image.shape[:2],
+            "resized_shape": s.image.shape[:2],
+            "ratio_pad": ((1.0, 1.0), (0.0, 0.0)),
+            "img": torch.from_numpy(np.ascontiguousarray(s.image[..., ::-1].transpose(2, 0, 1))),  # RGB CHW
+            "cls": torch.from_numpy(s.labels[:, :1].copy()),
+            "bboxes": torch.from_numpy(s.labels[:, 1:].copy()),
+            "batch_idx": torch.zeros(n),
+            "epoch": epoch,
+            "sample": i,
+        }
+        if self.reader is not None:
+            cached = self.reader.read(view.key, i)
+            if cached.fingerprint != s.fingerprint:
+                raise UserError(
+                    f"sample {i} ({self.index.images[i].name}), view {view.key}: the replayed image differs from the "
+                    f"teacher's input (fingerprint {s.fingerprint.hex()} != cached {cached.fingerprint.hex()}); "
+                    "seed, augmentation settings, the image file or the OpenCV/albumentations build changed since the dump"
+                )
+            out["teacher_head"] = torch.from_numpy(np.concatenate([h.reshape(h.shape[0], -1) for h in cached.head.values()], 1))
+            for lvl, f in cached.feat.items():
+                out[f"teacher_feat_{lvl}"] = torch.from_numpy(f)
+        return out
+
+    @staticmethod
+    def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = {k: torch.stack([b.pop(k) for b in batch]) for k in list(batch[0]) if k.startswith("teacher_")}
+        epochs = torch.tensor([b.pop("epoch") for b in batch])
+        samples = torch.tensor([b.pop("sample") for b in batch])
+        out = YOLODataset.collate_fn(batch)
+        out.update(extra, epoch=epochs, sample=samples)
+        return out
+
+
+class DistillLoss(v8DetectionLoss):
+    """Ultralytics' detection loss plus the distillation terms, each its own loss item."""
+
+    def __init__(self, model, distiller: Distiller, student_levels: list[str]):
+        super().__init__(model)
+        self.distiller = distiller
+        self.student_levels = student_levels
+
+    def loss(self, preds, batch):
+        bs = preds["boxes"].shape[0]
+        det, items = self.get_assigned_targets_and_loss(preds, batch)[1:]
+        if "teacher_head" in batch:
+            feats = {k[len("teacher_feat_") :]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
+            terms = self.distiller(preds, TeacherBatch(batch["teacher_head"], feats), self.student_levels)
+        else:  # a batch without teacher tensors (validation): the terms read zero
+            terms = {k: det.new_zeros(()) for k in self.distiller.item_names}
+        loss = torch.cat([det, *(v.reshape(1) for v in terms.values())])
+        items.update({k: v.detach() for k, v in terms.items()})
+        return loss * bs, items
+
+
+def student_levels(model) -> tuple[list[str], list[int], int, list[int], int]:
+    head = unwrap_model(model).model[-1]
+    strides = [int(s) for s in head.stride.tolist()]
+    channels = [int(seq[0].conv.in_channels) for seq in head.cv2]
+    return [level_name(s) for s in strides], channels, int(head.reg_max), strides, int(head.nc)
+
+
+class DistillTrainer(DetectionTrainer):
+    """Settings arrive as class attributes (Ultralytics refuses unknown training arguments), see make_trainer."""
+
+    cache: str | None = None
+    teacher_path: str | None = None
+    distill_config: str | None = None
+    replay_seed: int = 0  # online mode; a cache carries its own
+    augment_config: str | None = None  # online mode
+    views: int = 1  # online mode
+    close_views: int = 1  # online mode
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _open_sources(self) -> None:
+        if getattr(self, "_sources_open", False):
+            return
+        self._sources_open = True
+        spec = load_data_yaml(self.args.data)
+        index = build_index(spec, "train", check_images=False)
+        self.reader = None
+        self.live_teacher = None
+        imgsz = int(self.args.imgsz)
+        if self.cache:
+            reader = CacheReader(self.cache)
+            attrs = reader.attrs
+            check_cache_matches(attrs, spec, index, imgsz, self.cache)
+            reader.require_complete()
+            augment = AugmentConfig.from_attrs(attrs["augment"])
+            self.replay = Replay(index, augment, imgsz, int(attrs["augment"]["seed"]))
+            self.teacher_levels = list(attrs["storage"]["levels"])
+            channels = dict(zip(attrs["teacher"]["levels"], attrs["teacher"]["feature_channels"]))
+            self.teacher_channels = [channels[lvl] for lvl in self.teacher_levels]
+            self.teacher_head = attrs["teacher"]
+            views, close_views = int(attrs["augment"]["views"]), int(attrs["augment"]["close_views"])
+            self.reader = reader
+        else:
+            teacher = Teacher.load(self.teacher_path, device=self.device)
+            if teacher.info.nc != spec.nc:
+                raise UserError(f"{self.teacher_path}: teacher predicts {teacher.info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
+            self.live_teacher = teacher
+            self.replay = Replay(index, load_augment(self.augment_config), imgsz, self.replay_seed)
+            self.teacher_levels = list(teacher.info.levels)
+            self.teacher_channels = list(teacher.info.feature_channels)
+            self.teacher_head = teacher.info.to_dict()
+            views, close_views = self.views, self.close_views
+        if self.args.close_mosaic and close_views < 1:
+            raise UserError(
+                f"close_mosaic={self.args.close_mosaic} needs closing views, but the cache has none "
+                "(dump with --close-views 1 or more, or train with --close-mosaic 0)"
+            )
+        self.plan = ViewPlan(self.epochs, int(self.args.close_mosaic), views, close_views)
+
+    def build_dataset(self, img_path, mode="train", batch=None):
+        if mode != "train":
+            return super().build_dataset(img_path, mode, batch)
+        if self.args.rect or self.args.multi_scale:
+            raise UserError("rect and multi_scale training change image shapes after replay; they cannot use a cache")
+        self._open_sources()
+        self._check_student()
+        return DistillDataset(self.replay, self.plan, self.reader)
+
+    def _check_student(self) -> None:
+        levels, _, reg_max, strides, nc = student_levels(self.model)
+        t = self.teacher_head
+        where = self.cache or self.teacher_path
+        for what, mine, theirs in (("classes", nc, t["nc"]), ("reg_max", reg_max, t["reg_max"]), ("strides", strides, list(t["strides"]))):
+            if mine != theirs:
+                raise UserError(f"{where}: the student has {what} {mine} but the teacher has {what} {theirs}")
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        if mode != "train":
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        dataset = self.build_dataset(dataset_path, mode, batch_size)
+        world = max(self.world_size, 1)
+        self.epoch_sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world)
+        workers = self.args.workers if self.device.type != "cpu" else 0
+        return InfiniteDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.epoch_sampler,
+            num_workers=min(workers, batch_size),
+            collate_fn=DistillDataset.collate_fn,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        check_epoch(batch, self.epoch)
+        batch = super().preprocess_batch(batch)
+        if self.live_teacher is not None:
+            out = self.live_teacher(batch["img"])
+            batch["teacher_head"] = split_head(out.head)
+            for lvl, f in zip(self.teacher_levels, out.feat):
+                batch[f"teacher_feat_{lvl}"] = f
+        return batch
+
+    def _close_dataloader_mosaic(self):
+        super()._close_dataloader_mosaic()
+        # the old iterator may have drawn ahead; the new one starts at this epoch
+        self.epoch_sampler.next_epoch = self.epoch
+
+    # -- distillation modules ------------------------------------------------------------------
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        levels, channels, reg_max, _, _ = student_levels(model)
+        self.student_level_names = levels
+        self.distiller = Distiller(
+            load_distill(self.distill_config), reg_max, levels, channels, self.teacher_levels, self.teacher_channels
+        ).to(self.device)
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if params:
+            ref = next(g for g in optimizer.param_groups if g.get("param_group") == "weight")
+            optimizer.add_param_group({**{k: v for k, v in ref.items() if k != "params"}, "params": params})
+        return optimizer
+
+    def _setup_train(self):
+        super()._setup_train()
+        model = unwrap_model(self.model)
+        model.criterion = DistillLoss(model, self.distiller, self.student_level_names)
+        self.epoch_sampler.next_epoch = self.start_epoch
+        self.train_loader.reset()
+        self.add_callback("on_train_epoch_start", _set_schedule_factor)
+
+    def optimizer_step(self):
+        if self.world_size > 1:  # adapters sit outside DDP: average their gradients by hand
+            import torch.distributed as dist
+
+            for p in self.distiller.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world_size
+        super().optimizer_step()
+
+    def save_model(self):
+        result = super().save_model()
+        torch.save({"distiller": self.distiller.state_dict(), "epoch": self.epoch}, self.wdir / DISTILL_STATE)
+        return result
+
+    def resume_training(self, ckpt):
+        super().resume_training(ckpt)
+        if ckpt is not None and self.resume:
+            state = Path(self.args.model).parent / DISTILL_STATE
+            if state.is_file():
+                self.distiller.load_state_dict(torch.load(state, map_location=self.device)["distiller"])
+
+
+def _set_schedule_factor(trainer: DistillTrainer) -> None:
+    trainer.distiller.factor = trainer.distiller.config.schedule.factor(
+        trainer.epoch, trainer.epochs, trainer.plan.closing(trainer.epoch)
+    )
+
+
+def check_epoch(batch: dict, epoch: int) -> None:
+    """A batch must be replayed for the epoch being trained; anything else is a stale worker."""
+    got = sorted(set(batch["epoch"].tolist()))
+    if got != [epoch]:
+        raise RuntimeError(f"batch replayed for epoch(s) {got} arrived in epoch {epoch}: a DataLoader worker holds a stale epoch")
+
+
+def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> None:
+    """Contract 4: refuse a cache that belongs to other data, classes or image size, saying what differs."""
+    t, d = attrs["teacher"], attrs["data"]
+    if t["nc"] != spec.nc:
+        raise UserError(f"{where}: the cache's teacher has {t['nc']} classes but {spec.yaml_path} has nc={spec.nc}")
+    if list(t["names"]) != list(spec.names):
+        raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
+    if d["count"] != len(index) or d["images_hash"] != index.list_hash():
+        raise UserError(
+            f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
+            f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
+        )
+    if int(attrs["augment"]["imgsz"]) != imgsz:
+        raise UserError(f"{where}: the cache was dumped at imgsz {attrs['augment']['imgsz']} but training asks for imgsz {imgsz}")
+
+
+def make_trainer(**settings: Any) -> type[DistillTrainer]:
+    """A DistillTrainer subclass carrying the settings (it survives DDP's pickling of the trainer class)."""
+    return type("SoftlabelTrainer", (DistillTrainer,), dict(settings))
+
+
+@dataclass
+class StudentResult:
+    student: str
+    params: int
+    gflops: float
+    map50: float
+    map50_95: float
+    epochs: int
+    seconds: float
+    save_dir: str
+
+
+def resolve_student(student: str):
+    """A model name (yolov8n -> Ultralytics' yolov8n.yaml), a .yaml path or a .pt checkpoint."""
+    from ultralytics import YOLO
+
+    path = Path(student)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise UserError(f"{student}: student checkpoint not found")
+        return YOLO(str(path))
+    cfg = student if path.suffix in (".yaml", ".yml") else f"{student}.yaml"
+    try:
+        from ultralytics.nn.tasks import yaml_model_load
+
+        yaml_model_load(cfg)
+    except Exception:
+        raise UserError(f"unknown student '{student}': not an Ultralytics model name (e.g. yolov8n, yolo11s), a .yaml or a .pt") from None
+    return YOLO(cfg, task="detect")
+
+
+def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
+    """Train each student in turn against the same teacher source; Ultralytics' arguments pass through."""
+    import time
+
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
+    trainer = make_trainer(**trainer_settings)
+    results = []
+    for student, model in zip(students, models):
+        args = dict(train_args)
+        if len(students) > 1 and args.get("name"):
+            args["name"] = f"{args['name']}-{Path(student).stem}"
+        elif len(students) > 1:
+            args["name"] = Path(student).stem
+        start = time.time()
+        metrics = model.train(trainer=trainer, **args)
+        seconds = time.time() - start
+        inner = model.trainer.best if Path(model.trainer.best).is_file() else model.trainer.last
+        from ultralytics import YOLO
+
+        best = YOLO(str(inner)).model
+        results.append(
+            StudentResult(
+                student=student,
+                params=int(get_num_params(best)),
+                gflops=float(get_flops(best, int(args.get("imgsz", 640)))),
+                map50=float(metrics.box.map50) if metrics is not None else float("nan"),
+                map50_95=float(metrics.box.map) if metrics is not None else float("nan"),
+                epochs=int(model.trainer.epoch + 1),
+                seconds=seconds,
+                save_dir=str(model.trainer.save_dir),
+            )
+        )
+    return results
+
+
+def render_table(rows: list[StudentResult]) -> str:
+    head = f"{'student':<16}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.student:<16}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
+        )
+    return "\n".join(lines)
