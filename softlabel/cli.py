@@ -84,6 +84,28 @@ def info(store, as_json):
 
 
 @main.command()
+@click.argument("store")
+@click.option("--samples", default=16, show_default=True, help="Replayed samples to re-run the teacher on, spread over all views.")
+@click.option("--teacher", default=None, help="Teacher checkpoint [default: the path recorded in the store]; must have the recorded sha256.")
+@click.option("--data", default=None, help="data.yaml [default: the path recorded in the store].")
+@click.option("--device", default="cpu", show_default=True, help="Device for the teacher: cpu, 0, cuda:N.")
+@click.option("--atol", default=4e-3, show_default=True, help="Absolute tolerance per value (float16 storage).")
+@click.option("--rtol", default=4e-3, show_default=True, help="Relative tolerance per value (float16 storage).")
+@click.option("--no-scan", is_flag=True, help="Skip reading every chunk for checksum errors.")
+def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
+    """Check a cache: every chunk's checksum, then cache == live teacher on replayed samples.
+
+    Exits 0 when all is well, 1 on any corrupt chunk, fingerprint mismatch or error beyond tolerance.
+    """
+    from softlabel.verify import render, run_verify
+
+    report = run_verify(store, samples=samples, teacher=teacher, data=data, device=device, atol=atol, rtol=rtol, scan=not no_scan)
+    click.echo(render(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--student", "students", multiple=True, required=True,
               help="Student: a model name (yolov8n, yolo11n, ...), a model .yaml or a .pt checkpoint. Repeat to train several in turn.")
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")

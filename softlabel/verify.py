@@ -1,0 +1,137 @@
+"""Is the cache still the teacher? Checksums of every chunk, then the live teacher on replayed samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from softlabel.augment import AugmentConfig
+from softlabel.cache import store
+from softlabel.cache.reader import CacheReader
+from softlabel.data import build_index, load_data_yaml
+from softlabel.errors import UserError
+from softlabel.replay import Replay, View
+from softlabel.teacher import Teacher, to_model_input
+
+
+@dataclass
+class TensorError:
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    bad: int = 0  # samples beyond tolerance
+
+
+@dataclass
+class VerifyReport:
+    chunks_checked: int = 0
+    corrupt: list[str] = field(default_factory=list)  # "view/tensor sample i: why"
+    fingerprints_checked: int = 0
+    fingerprint_mismatches: list[str] = field(default_factory=list)
+    tensors: dict[str, TensorError] = field(default_factory=dict)
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.fingerprint_mismatches and all(t.bad == 0 for t in self.tensors.values())
+
+
+def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
+    """Read every stored sample of every tensor: the CRC32C codec rejects any altered byte."""
+    done = reader.done()
+    layout = reader.layout
+    for view in layout.views:
+        for name in layout.arrays(view):
+            arr = reader._array(name)
+            for shard in np.flatnonzero(done[view]):
+                start, stop = layout.shard_range(int(shard))
+                try:
+                    arr[start:stop]
+                    report.chunks_checked += stop - start
+                    continue
+                except Exception:
+                    pass
+                for i in range(start, stop):  # find the sample(s) whose chunk fails
+                    report.chunks_checked += 1
+                    try:
+                        arr[i]
+                    except Exception as e:
+                        report.corrupt.append(f"{name} sample {i}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+def pick_samples(views: list[str], count: int, n: int) -> list[tuple[str, int]]:
+    """Spread the checked samples over every view and over the whole dataset."""
+    picks = []
+    for k in range(min(n * len(views), count)):
+        view = views[k % len(views)]
+        i = int(round((k // len(views)) * n / max(1, -(-count // len(views))))) % n
+        picks.append((view, i))
+    return sorted(set(picks))
+
+
+def run_verify(
+    location: str,
+    samples: int = 16,
+    teacher: str | None = None,
+    data: str | None = None,
+    device: str = "cpu",
+    atol: float = 4e-3,
+    rtol: float = 4e-3,
+    scan: bool = True,
+) -> VerifyReport:
+    from softlabel.dump import resolve_device
+
+    reader = CacheReader(location)
+    attrs = reader.attrs
+    report = VerifyReport(atol=atol, rtol=rtol)
+    if scan:
+        scan_chunks(reader, report)
+    spec = load_data_yaml(data or attrs["data"]["yaml"])
+    index = build_index(spec, attrs["data"]["split"], check_images=False)
+    if index.list_hash() != attrs["data"]["images_hash"]:
+        raise UserError(f"{spec.yaml_path}: the images or labels differ from the ones the cache was dumped from")
+    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device))
+    if t.info.sha256 != attrs["teacher"]["sha256"]:
+        raise UserError(f"{teacher or attrs['teacher']['path']}: not the checkpoint the cache was dumped with (sha256 differs)")
+    aug = attrs["augment"]
+    replay = Replay(index, AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
+    done = reader.done()
+    candidates = [(v, i) for v, i in pick_samples(reader.layout.views, samples, len(index)) if done[v][i // reader.layout.shard_size]]
+    for view_key, i in candidates:
+        s = replay(i, View.parse(view_key))
+        report.fingerprints_checked += 1
+        try:
+            cached = reader.read(view_key, i)
+        except Exception as e:
+            report.corrupt.append(f"{view_key} sample {i}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        if cached.fingerprint != s.fingerprint:
+            report.fingerprint_mismatches.append(f"{view_key} sample {i} ({index.images[i].name})")
+            continue
+        out = t(to_model_input(torch.from_numpy(s.image[None]), t.device))
+        pairs = [(f"head/{lvl}", cached.head[lvl], live) for lvl, live in zip(reader.levels, out.head)]
+        pairs += [(f"feat/{lvl}", cached.feat[lvl], live) for lvl, live in zip(reader.levels, out.feat) if lvl in cached.feat]
+        for name, c, live in pairs:
+            live = live[0].float().cpu().numpy()
+            diff = np.abs(c.astype(np.float32) - live)
+            err = report.tensors.setdefault(name, TensorError())
+            err.max_abs = max(err.max_abs, float(diff.max()))
+            err.max_rel = max(err.max_rel, float((diff / (np.abs(live) + 1e-3)).max()))
+            err.bad += int((diff > atol + rtol * np.abs(live)).any())
+    return report
+
+
+def render(report: VerifyReport) -> str:
+    lines = [
+        f"checksums     {report.chunks_checked} sample chunks read, {len(report.corrupt)} corrupt",
+        *(f"  corrupt     {c}" for c in report.corrupt),
+        f"fingerprints  {report.fingerprints_checked - len(report.fingerprint_mismatches)}/{report.fingerprints_checked} match",
+        *(f"  mismatch    {m}" for m in report.fingerprint_mismatches),
+        f"{'tensor':<12}{'max abs err':>14}{'max rel err':>14}  status (tolerance {report.atol:g} + {report.rtol:g}*|x|)",
+    ]
+    for name, e in sorted(report.tensors.items()):
+        lines.append(f"{name:<12}{e.max_abs:>14.3e}{e.max_rel:>14.3e}  {'ok' if e.bad == 0 else f'{e.bad} samples beyond tolerance'}")
+    lines.append("verify: OK" if report.ok else "verify: FAILED")
+    return "\n".join(lines)

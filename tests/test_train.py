@@ -1,0 +1,281 @@
+"""Phase two: training against the cache, online mode, contract 3, checkpoints, verify, bad input."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from softlabel.augment import AugmentConfig
+from softlabel.cache.reader import CacheReader
+from softlabel.cli import main
+from softlabel.data import build_index, load_data_yaml
+from softlabel.distill.config import load_distill
+from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
+from softlabel.errors import UserError
+from softlabel.replay import Replay
+from softlabel.teacher import Teacher, save_checkpoint_from_yaml
+from softlabel.train import DistillDataset, EpochSampler, ViewPlan, check_epoch, make_trainer, student_levels
+
+IMGSZ = 64
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def v8s_teacher(tmp_path_factory):
+    return save_checkpoint_from_yaml("yolov8s.yaml", ["square", "disc", "bar"], tmp_path_factory.mktemp("t8s") / "yolov8s.pt")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, dataset, v8s_teacher):
+    out = tmp_path_factory.mktemp("c8s") / "c.zarr"
+    r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
+                "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _replay_for(reader: CacheReader, dataset, seed=None) -> Replay:
+    aug = reader.attrs["augment"]
+    index = build_index(load_data_yaml(dataset), check_images=False)
+    return Replay(index, AugmentConfig.from_attrs(aug), IMGSZ, aug["seed"] if seed is None else seed)
+
+
+def _batch(dataset_obj, items):
+    return DistillDataset.collate_fn([dataset_obj[it] for it in items])
+
+
+def test_view_plan_cycles_views_and_closes_at_the_end():
+    plan = ViewPlan(epochs=6, close_mosaic=2, views=2, close_views=1)
+    assert [plan.view(e).key for e in range(6)] == ["v0", "v1", "v0", "v1", "c0", "c0"]
+    assert [plan.closing(e) for e in range(6)] == [False] * 4 + [True] * 2
+
+
+def test_sampler_carries_the_epoch_and_is_deterministic():
+    s = EpochSampler(10, seed=3)
+    e0, e1 = list(s), list(s)
+    assert {e for _, e in e0} == {0} and {e for _, e in e1} == {1}
+    assert sorted(i for i, _ in e0) == list(range(10)) and [i for i, _ in e0] != [i for i, _ in e1]
+    again = EpochSampler(10, seed=3)
+    assert list(again) == e0
+    ranks = [list(EpochSampler(10, seed=3, rank=r, world=3)) for r in range(3)]
+    assert sorted({i for part in ranks for i, _ in part}) == list(range(10)) and all(len(p) == 4 for p in ranks)
+
+
+def test_stale_worker_epoch_is_caught():
+    check_epoch({"epoch": torch.tensor([2, 2])}, 2)
+    with pytest.raises(RuntimeError, match="stale epoch"):
+        check_epoch({"epoch": torch.tensor([1, 1])}, 2)
+    with pytest.raises(RuntimeError, match="stale epoch"):
+        check_epoch({"epoch": torch.tensor([1, 2])}, 2)
+
+
+def test_infinite_loader_with_workers_delivers_each_epoch_in_order(cache, dataset):
+    from ultralytics.data.build import InfiniteDataLoader
+
+    reader = CacheReader(str(cache))
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(3, 1, 2, 1), reader)
+    sampler = EpochSampler(len(ds), seed=0)
+    loader = InfiniteDataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=DistillDataset.collate_fn)
+    for epoch in range(3):  # workers persist and prefetch into the next epoch; every batch still says its epoch
+        for batch in loader:
+            check_epoch(batch, epoch)
+    loader.reset()
+
+
+def test_other_seed_is_stopped_naming_sample_and_view(cache, dataset):
+    reader = CacheReader(str(cache))
+    ds = DistillDataset(_replay_for(reader, dataset, seed=12345), ViewPlan(2, 0, 2, 1), reader)
+    with pytest.raises(UserError, match=r"sample 3 \(img003.*view v1.*fingerprint"):
+        ds[(3, 1)]
+
+
+def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
+    """Contract 3: on the same batch, distillation from the cache equals distillation from the live teacher."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    reader = CacheReader(str(cache))
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(4, 1, 2, 1), reader)
+    batch = _batch(ds, [(i, 1) for i in range(6)])
+    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
+    levels, channels, reg_max, _, _ = student_levels(student)
+    t = Teacher.load(v8s_teacher)
+    distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
+    torch.manual_seed(0)
+    preds = student(batch["img"].float() / 255)
+    feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
+    from_cache = distiller(preds, TeacherBatch(batch["teacher_head"], feats), levels)
+    live = t(batch["img"].float() / 255)
+    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
+    assert set(from_cache) == {"kd_cls", "kd_box", "kd_feat"}
+    for key in from_cache:
+        a, b = float(from_cache[key].detach()), float(from_live[key].detach())
+        assert a > 0
+        assert abs(a - b) <= 1e-3 * abs(b) + 1e-6, (key, a, b)
+
+
+def _train_args(tmp_path, dataset, **kw):
+    args = dict(data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
+                project=str(tmp_path / "runs"), seed=0, nbs=4, close_mosaic=1, exist_ok=True, amp=False)
+    args.update(kw)
+    return args
+
+
+def test_two_students_one_cache_table_columns_and_plain_checkpoints(tmp_path, cache, dataset):
+    r = run_cli("train", "--student", "yolov8n", "--student", "yolo11n", "--cache", cache, "--data", dataset,
+                "--epochs", 2, "--close-mosaic", 1, "--batch", 4, "--device", "cpu", "--project", tmp_path / "runs")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    table = r.stdout.strip().splitlines()[-4:]
+    assert table[0].startswith("student") and "mAP50-95" in table[0] and "GFLOPs" in table[0]
+    assert table[1].startswith("---")
+    assert table[2].split()[0] == "yolov8n" and table[3].split()[0] == "yolo11n"
+    for student in ("yolov8n", "yolo11n"):
+        run = tmp_path / "runs" / student
+        with open(run / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2
+        for col in ("train/kd_cls", "train/kd_box", "train/kd_feat"):
+            assert col in rows[0] and float(rows[0][col]) > 0
+        ckpt = torch.load(run / "weights" / "best.pt", map_location="cpu", weights_only=False)
+        model = ckpt["model"] if ckpt.get("model") is not None else ckpt["ema"]
+        keys = list(model.state_dict())
+        assert not any("adapter" in k or "distill" in k for k in keys)
+        assert getattr(model, "criterion", None) is None
+        assert type(model).__name__ == "DetectionModel"
+
+
+def test_checkpoint_reloads_predicts_and_exports_onnx(tmp_path, cache, dataset):
+    from ultralytics import YOLO
+
+    model = YOLO("yolo11n.yaml")
+    model.train(trainer=make_trainer(cache=str(cache)), name="x", **_train_args(tmp_path, dataset, epochs=1, close_mosaic=0))
+    best = Path(model.trainer.best)
+    plain = YOLO(str(best))
+    metrics = plain.val(data=str(dataset), imgsz=IMGSZ, batch=4, device="cpu", plots=False, project=str(tmp_path / "v"))
+    assert 0.0 <= metrics.box.map <= 1.0
+    image = next((Path(load_data_yaml(dataset).root) / "images" / "val").iterdir())
+    plain.predict(str(image), imgsz=IMGSZ, device="cpu", verbose=False)
+    onnx = plain.export(format="onnx", imgsz=IMGSZ, device="cpu")
+    assert Path(onnx).is_file() and Path(onnx).stat().st_size > 100_000
+
+
+def test_interrupted_student_run_resumes_with_its_adapters(tmp_path, cache, dataset):
+    from ultralytics import YOLO
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(trainer):
+        if trainer.epoch == 0:
+            raise Stop
+
+    trainer = make_trainer(cache=str(cache))
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_fit_epoch_end", stop_after_first)
+    with pytest.raises(Stop):
+        model.train(trainer=trainer, name="r", **_train_args(tmp_path, dataset, epochs=3))
+    weights = tmp_path / "runs" / "r" / "weights"
+    saved = torch.load(weights / "distill_state.pt")["distiller"]
+    seen = {}
+
+    def grab(t):
+        seen["start"] = t.start_epoch
+        seen["state"] = {k: v.clone() for k, v in t.distiller.state_dict().items()}
+
+    resumed = YOLO(str(weights / "last.pt"))
+    resumed.add_callback("on_pretrain_routine_end", grab)
+    resumed.train(trainer=trainer, resume=True)
+    assert seen["start"] == 1
+    assert all(torch.equal(seen["state"][k].cpu(), saved[k].cpu()) for k in saved)
+    with open(tmp_path / "runs" / "r" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+
+
+def test_online_mode_trains_with_the_same_terms(tmp_path, dataset, v8s_teacher):
+    r = run_cli("train", "--student", "yolov8n", "--teacher", v8s_teacher, "--data", dataset, "--epochs", 1,
+                "--imgsz", IMGSZ, "--close-mosaic", 0, "--batch", 4, "--device", "cpu", "--project", tmp_path / "runs",
+                "--name", "online")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    with open(tmp_path / "runs" / "online" / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/kd_cls"]) > 0 and float(row["train/kd_feat"]) > 0
+
+
+def test_verify_passes_then_catches_an_altered_chunk(tmp_path, cache):
+    good = run_cli("verify", cache, "--samples", 6)
+    assert good.exit_code == 0, good.output
+    assert "verify: OK" in good.stdout and "6/6 match" in good.stdout
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(cache, bad)
+    shard = bad / "v1" / "head" / "p4" / "c" / "1" / "0" / "0" / "0"  # samples 4..7
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = run_cli("verify", bad, "--samples", 2)
+    assert result.exit_code == 1
+    assert "v1/head/p4 sample 4" in result.stdout and "verify: FAILED" in result.stdout
+
+
+def test_verify_catches_values_that_are_not_the_teacher(tmp_path, cache):
+    bad = tmp_path / "wrong.zarr"
+    shutil.copytree(cache, bad)
+    arr = zarr.open_group(str(bad), mode="r+")["v0/head/p5"]
+    arr[0:4] = np.asarray(arr[0:4]) + np.float16(0.5)  # valid checksums, wrong values
+    result = run_cli("verify", bad, "--samples", 6)
+    assert result.exit_code == 1 and "head/p5" in result.stdout and "beyond tolerance" in result.stdout
+
+
+# bad input -----------------------------------------------------------------------------------
+
+
+def _clean_error(result, *needles):
+    assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def test_cache_and_teacher_both_or_neither(dataset, cache, v8s_teacher):
+    _clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset), "exactly one of --cache")
+    _clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--teacher", v8s_teacher), "exactly one")
+
+
+def test_unknown_student_and_bad_distill_config(tmp_path, dataset, cache):
+    _clean_error(run_cli("train", "--student", "yolov99z", "--data", dataset, "--cache", cache, "--epochs", 1), "yolov99z")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("cls:\n  loss: focal\n")
+    _clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "focal", "bce")
+    cfg.write_text("cls:\n  loss: bce\n  temprature: 2\n")
+    _clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "temprature", "temperature")
+    cfg.write_text("logits:\n  loss: bce\n")
+    _clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "logits", "cls, box, feat")
+
+
+def test_mismatched_cache_is_refused(tmp_path, dataset, cache):
+    common = ["train", "--student", "yolov8n", "--cache", cache, "--epochs", 1, "--device", "cpu", "--project", tmp_path / "r"]
+    _clean_error(run_cli(*common, "--data", dataset, "--imgsz", 96), "imgsz 64", "imgsz 96")
+    from conftest import make_dataset
+
+    other = make_dataset(tmp_path / "other", n_train=5, n_val=2, seed=9)
+    _clean_error(run_cli(*common, "--data", other), "other data")
+    four = make_dataset(tmp_path / "four", n_train=5, n_val=2, seed=9, nc=2)
+    _clean_error(run_cli(*common, "--data", four), "3 classes", "nc=2")
+
+
+def test_incomplete_cache_is_refused(tmp_path, dataset, cache):
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(cache, partial)
+    zarr.open_group(str(partial), mode="r+")["v1/done"][1] = 0
+    r = run_cli("train", "--student", "yolov8n", "--cache", partial, "--data", dataset, "--epochs", 1, "--device", "cpu",
+                "--project", tmp_path / "r")
+    _clean_error(r, "incomplete", "v1: 1/3 shards missing", "softlabel dump")
