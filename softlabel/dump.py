@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -15,6 +17,7 @@ import softlabel
 from softlabel.augment import load_augment
 from softlabel.cache import store
 from softlabel.cache.codecs import DEFAULT_CODEC, codec_spec
+from softlabel.cache.lock import DumpLock
 from softlabel.cache.schema import Layout, build_attrs, feat_path, head_path, settings_diff
 from softlabel.cache.writer import CacheWriter
 from softlabel.data import build_index, load_data_yaml
@@ -87,10 +90,17 @@ def _collate(batch):
     return list(views), list(indices), torch.from_numpy(np.stack(images)), list(fps)
 
 
-def plan_batches(layout: Layout, done: dict[str, np.ndarray], batch: int, views: list[View]) -> tuple[list[tuple[View, int]], list[list[int]]]:
-    """Batches are fixed slices [b*batch, (b+1)*batch) of each view, so a resumed run feeds the
-    teacher exactly the batches an uninterrupted run would; a batch runs if it touches any shard
-    that is not done."""
+def owned(shard: int, rank: int, world: int) -> bool:
+    """Rank r owns every world-th shard: whole shards, so no two processes write one shard object."""
+    return shard % world == rank
+
+
+def plan_batches(
+    layout: Layout, done: dict[str, np.ndarray], batch: int, views: list[View], rank: int = 0, world: int = 1
+) -> tuple[list[tuple[View, int]], list[list[int]]]:
+    """Batches are fixed slices [b*batch, (b+1)*batch) of each view, so a resumed or multi-rank run
+    feeds the teacher exactly the batches an uninterrupted single run would; a batch runs if it
+    touches a shard that this rank owns and that is not done."""
     items: list[tuple[View, int]] = []
     batches: list[list[int]] = []
     s = layout.shard_size
@@ -98,7 +108,8 @@ def plan_batches(layout: Layout, done: dict[str, np.ndarray], batch: int, views:
         flags = done[view.key]
         for start in range(0, layout.count, batch):
             stop = min(start + batch, layout.count)
-            if flags[start // s : (stop - 1) // s + 1].all():
+            shards = range(start // s, (stop - 1) // s + 1)
+            if not any(owned(sh, rank, world) and not flags[sh] for sh in shards):
                 continue
             batches.append(list(range(len(items), len(items) + stop - start)))
             items.extend((view, i) for i in range(start, stop))
@@ -162,7 +173,11 @@ def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str
     """Create the store, or reopen it for a resume after checking that every setting matches."""
     layout = Layout.from_attrs(attrs)
     if store.exists(out):
-        existing = dict(store.open_group(out).attrs)
+        found = store.open_group(out)
+        existing = dict(found.attrs)
+        if not existing and not list(found.keys()):
+            store.remove(out)  # an empty group: killed before the first attribute landed
+            return store.create(out, attrs, layout, sample_paths), layout
         if overwrite or existing.get("creating"):
             store.remove(out)
         else:
@@ -176,12 +191,56 @@ def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str
     return store.create(out, attrs, layout, sample_paths), layout
 
 
+def _ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain run."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _agree(error: str | None, world: int) -> str | None:
+    """Rank 0's verdict on the store reaches every rank, so no rank waits for a job that stopped."""
+    if world == 1:
+        return error
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_dump(settings: DumpSettings) -> DumpResult:
+    rank, world, local_rank = _ranks()
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")  # only small control messages travel between ranks
+        if settings.device not in ("", "cpu") and "," not in settings.device:
+            settings.device = str(local_rank)  # one GPU per rank
     teacher, replay, attrs = prepare(settings)
-    group, layout = open_for_dump(settings.out, attrs, settings.overwrite, replay.index.relative_paths())
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = DumpLock(settings.out).acquire()
+            open_for_dump(settings.out, attrs, settings.overwrite, replay.index.relative_paths())
+        except UserError as e:
+            error = str(e)
+            if lock is not None:
+                lock.release()
+    error = _agree(error, world)
+    if error:
+        raise UserError(error)
+    try:
+        return _dump_owned(settings, teacher, replay, attrs, rank, world)
+    finally:
+        if world > 1:
+            dist.barrier()
+        if lock is not None:
+            lock.release()
+
+
+def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world: int) -> DumpResult:
+    layout = Layout.from_attrs(attrs)
+    group = store.open_group(settings.out, mode="r+")
     views = all_views(settings.views, settings.close_views)
     done = store.done_flags(group, layout)
-    items, batches = plan_batches(layout, done, settings.batch, views)
+    items, batches = plan_batches(layout, done, settings.batch, views, rank, world)
     skipped = sum(int(d.sum()) for d in done.values())
     loader = DataLoader(
         _ReplayItems(replay, items),
@@ -194,7 +253,8 @@ def run_dump(settings: DumpSettings) -> DumpResult:
     writer = CacheWriter(group, layout, dtype=attrs["storage"]["dtype"])
     levels = attrs["teacher"]["levels"]
     feat_levels = attrs["storage"]["levels"]
-    bar = tqdm(total=len(items), unit="img", desc=f"dump {Path(settings.out).name}", disable=not settings.progress, dynamic_ncols=True)
+    desc = f"dump {Path(settings.out).name}" + (f" rank {rank}/{world}" if world > 1 else "")
+    bar = tqdm(total=len(items), unit="img", desc=desc, disable=not settings.progress, dynamic_ncols=True, position=rank)
     written = 0
     try:
         for view_keys, indices, images, fps in loader:
@@ -202,8 +262,9 @@ def run_dump(settings: DumpSettings) -> DumpResult:
             head = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.head)}
             feat = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.feat) if lvl in feat_levels}
             for b, (view, i) in enumerate(zip(view_keys, indices)):
-                if done[view][i // layout.shard_size]:
-                    continue  # a batch straddling a finished shard: that part is already stored
+                shard = i // layout.shard_size
+                if done[view][shard] or not owned(shard, rank, world):
+                    continue  # a batch straddling a finished or another rank's shard
                 tensors = {head_path(view, lvl): t[b] for lvl, t in head.items()}
                 tensors.update({feat_path(view, lvl): t[b] for lvl, t in feat.items()})
                 writer.add(view, i, tensors, fps[b])

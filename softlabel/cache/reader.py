@@ -66,11 +66,19 @@ class CacheReader:
             )
 
     def fingerprint(self, view: str, index: int) -> bytes:
-        return np.asarray(self._array(fingerprint_path(view))[index]).tobytes()
+        return self._sample(fingerprint_path(view), index).tobytes()
 
     def read(self, view: str, index: int) -> CachedSample:
         if view not in self.layout.views:
             raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
-        head = {lvl: np.asarray(self._array(head_path(view, lvl))[index]) for lvl in self.levels}
-        feat = {lvl: np.asarray(self._array(feat_path(view, lvl))[index]) for lvl in self.feature_levels}
-        return CachedSample(head=head, feat=feat, fingerprint=self.fingerprint(view, index))
+        head = {lvl: self._sample(head_path(view, lvl), index) for lvl in self.levels}
+        feat = {lvl: self._sample(feat_path(view, lvl), index) for lvl in self.feature_levels}
+        return CachedSample(head=head, feat=feat, fingerprint=self._sample(fingerprint_path(view), index).tobytes())
+
+    def _sample(self, path: str, index: int) -> np.ndarray:
+        try:
+            return np.asarray(self._array(path)[index])
+        except Exception as e:  # a checksum or codec failure: never train on the bytes
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise UserError(f"{self.location}: {path} sample {index} cannot be read ({reason}); the store is damaged, "
+                            "run 'softlabel verify' and re-dump it") from None

@@ -1,0 +1,144 @@
+"""Helpers shared by the benchmark scripts: machine description, toy data, teachers, output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Ultralytics reads these once, at import time: keep its console output down and never reach the network.
+os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: str = "cpu") -> dict:
+    import ultralytics
+
+    import softlabel
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ultralytics": ultralytics.__version__,
+        "softlabel": softlabel.__version__,
+        "device": str(device),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+    }
+    try:
+        info["load_average"] = list(os.getloadavg())  # a busy machine explains slow numbers
+    except OSError:
+        pass
+    return info
+
+
+def header(device: str = "cpu") -> dict:
+    """What every result file records about how and where it was made."""
+    return {
+        "machine": machine(device),
+        "command": " ".join(sys.argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no infinity: an impossible break-even is written as null."""
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def table(headers: list[str], rows: list[list], title: str = "", footer: list[str] | None = None) -> str:
+    """A plain fixed-width table: first column left-aligned, the rest right-aligned."""
+    cells = [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    out = [title] if title else []
+    out += [line(headers), "-" * len(line(headers))]
+    out += [line(r) for r in cells]
+    if footer:
+        out += ["-" * len(line(headers)), *footer]
+    return "\n".join(out)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value or abs(value) == float("inf"):
+            return "-"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def make_data(root: Path, images: int, val_images: int, imgsz: int, seed: int = 0) -> Path:
+    """Toy shapes dataset whose source images straddle imgsz, so replay resizes both ways as on real data."""
+    from softlabel.toydata import make_dataset
+
+    size = (max(32, imgsz // 2), max(64, imgsz * 3 // 2))
+    return make_dataset(Path(root), n_train=images, n_val=val_images, seed=seed, size=size)
+
+
+def data_names(data_yaml: Path) -> list[str]:
+    from softlabel.data import load_data_yaml
+
+    return list(load_data_yaml(str(data_yaml)).names)
+
+
+def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
+    """A teacher with random weights built from a model yaml (no download), sized for the dataset's classes."""
+    from softlabel.teacher import save_checkpoint_from_yaml
+
+    return save_checkpoint_from_yaml(cfg, data_names(data_yaml), path)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

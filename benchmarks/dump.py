@@ -1,0 +1,231 @@
+"""Phase-one throughput and cache size.
+
+Throughput: images per second of a whole dump (run_dump: replay in DataLoader workers, teacher,
+float16 conversion, compression and writing) against the teacher's forward pass alone, at the
+same batch size and precision, on the same number of pre-generated random uint8 batches sent
+through to_model_input and Teacher.__call__. The dump's fixed setup (loading the teacher,
+checking every image) is timed on its own with softlabel.dump.prepare and subtracted, so the
+ratio compares steady-state rates; the end-to-end rate is reported as well.
+
+Size: bytes on disk per sample-view of every cached tensor, for each codec preset, and the
+compression ratio against the same tensor in float32 (4 bytes x channels x H x W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import common
+import yaml
+
+TARGET = 0.9  # dump images/s over forward images/s
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Default sizes take about 5 minutes on 2 CPU cores. GPU run: --device 0 --imgsz 640 --batch 32 --images 1024 --workers 8",
+    )
+    p.add_argument("--images", type=int, default=128, help="training images in the generated toy dataset (default: 128)")
+    p.add_argument("--data", default=None, help="an existing data.yaml to dump instead of the toy dataset (its whole train split)")
+    p.add_argument("--imgsz", type=int, default=160, help="teacher input size, multiple of 32 (default: 160)")
+    p.add_argument("--batch", type=int, default=16, help="teacher batch size, for the dump and the forward pass (default: 16)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, 1, ... or cuda:N; float16 autocast on CUDA, as the dump does (default: cpu)")
+    p.add_argument("--workers", type=int, default=1, help="dump DataLoader workers replaying augmentations (default: 1)")
+    p.add_argument("--teacher-cfg", default=None, help="teacher model yaml built with random weights (default: yolov8x.yaml; yolov8n.yaml with --quick)")
+    p.add_argument("--teacher", default=None, help="a real teacher checkpoint (.pt) instead of --teacher-cfg; random weights compress unrealistically")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for teacher and forward (default: torch's choice, one per core)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved forward/dump rounds; medians are reported (default: 3)")
+    p.add_argument("--codecs", default=None, help="comma-separated codec presets to size (default: all of softlabel.cache.codecs.CODECS)")
+    p.add_argument("--shard-size", type=int, default=16, help="samples per shard (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="augmentation and data seed (default: 0)")
+    p.add_argument("--out", default=str(common.RESULTS / "dump.json"), help="result JSON (default: benchmarks/results/dump.json)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, stores) and print its path")
+    p.add_argument("--quick", action="store_true", help="smoke test: 16 images at imgsz 64, 1 repeat, yolov8n teacher (~1 minute)")
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.imgsz, args.batch, args.repeats = 16, 64, 8, 1
+        args.teacher_cfg = args.teacher_cfg or "yolov8n.yaml"
+    args.teacher_cfg = args.teacher_cfg or "yolov8x.yaml"
+    return args
+
+
+def prepare_inputs(args, tmp: Path) -> tuple[Path, Path]:
+    """The data.yaml and teacher checkpoint to dump, generated where not given."""
+    from softlabel.teacher import load_model
+
+    if args.data:
+        data = Path(args.data)
+    else:
+        data = common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed)
+    if not args.teacher:
+        return data, common.make_teacher(args.teacher_cfg, data, tmp / "teacher.pt")
+    teacher = Path(args.teacher)
+    if not args.data:
+        # a real teacher predicts its own classes: the toy labels (ids 0-2) stay valid under its names
+        names = load_model(teacher)[1].names
+        raw = yaml.safe_load(data.read_text())
+        raw["names"] = dict(enumerate(names))
+        data.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return data, teacher
+
+
+def forward_seconds(teacher, batches: list, device) -> float:
+    """The teacher alone: uint8 batch -> model input -> head and features, nothing kept."""
+    from softlabel.teacher import to_model_input
+
+    common.sync(device)
+    with common.Timer() as t:
+        for images in batches:
+            teacher(to_model_input(images, device))
+        common.sync(device)
+    return t.seconds
+
+
+def tensor_shapes(store: str) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of each cached tensor, keyed as summarize() keys them (head/p3, feat/p3, ...)."""
+    from softlabel.cache.schema import Layout
+    from softlabel.cache.store import read_attrs
+
+    layout = Layout.from_attrs(read_attrs(store))
+    return {path.partition("/")[2]: shape for path, shape in layout.arrays(layout.views[0]).items()}
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from softlabel.cache.codecs import CODECS, DEFAULT_CODEC
+    from softlabel.cache.info import summarize
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.dump import DumpSettings, prepare, resolve_device, run_dump
+    from softlabel.teacher import Teacher
+
+    codecs = [c.strip() for c in args.codecs.split(",")] if args.codecs else list(CODECS)
+    unknown = [c for c in codecs if c not in CODECS]
+    if unknown:
+        raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # fewer threads than cores is steadier on a machine shared with other work
+    device = resolve_device(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="softlabel-dumpbench-"))
+    try:
+        data, teacher_path = prepare_inputs(args, tmp)
+        n = len(build_index(load_data_yaml(data), check_images=False))
+
+        def settings(codec: str) -> DumpSettings:
+            return DumpSettings(teacher=str(teacher_path), data=str(data), out=str(tmp / f"{codec}.zarr"), views=1,
+                                close_views=0, imgsz=args.imgsz, batch=args.batch, device=args.device,
+                                workers=args.workers, seed=args.seed, codec=codec, shard_size=args.shard_size,
+                                overwrite=True, progress=False)
+
+        def timed_dump(codec: str) -> tuple[float, float]:
+            """(seconds of the whole dump, seconds of its fixed setup)."""
+            with common.Timer() as setup:
+                prepare(settings(codec))
+            with common.Timer() as whole:
+                run_dump(settings(codec))
+            return whole.seconds, setup.seconds
+
+        teacher = Teacher.load(teacher_path, device=device)
+        # random pixels cost the network what real ones do; pinned like the dump's DataLoader pins them
+        gen = torch.Generator().manual_seed(args.seed)
+        sizes = [min(args.batch, n - s) for s in range(0, n, args.batch)]
+        batches = [torch.randint(0, 256, (b, args.imgsz, args.imgsz, 3), dtype=torch.uint8, generator=gen) for b in sizes]
+        if device.type == "cuda":
+            batches = [b.pin_memory() for b in batches]
+        forward_seconds(teacher, batches[:1], device)  # warm-up: kernel selection, allocator, first-call costs
+
+        fwd, whole, setup = [], [], []
+        for r in range(args.repeats):  # interleaved, so a slow spell on a shared machine hits both alike
+            fwd.append(forward_seconds(teacher, batches, device))
+            w, s = timed_dump(DEFAULT_CODEC)
+            whole.append(w)
+            setup.append(s)
+            print(f"repeat {r + 1}/{args.repeats}: forward {n / fwd[-1]:.1f} img/s, dump {n / (w - s):.1f} img/s "
+                  f"({n / w:.1f} end to end, setup {s:.1f} s)", flush=True)
+        del teacher
+
+        per_codec_ips = {DEFAULT_CODEC: common.median([n / (w - s) for w, s in zip(whole, setup)])}
+        for codec in codecs:
+            if codec != DEFAULT_CODEC:
+                w, s = timed_dump(codec)
+                per_codec_ips[codec] = n / (w - s)
+        per_tensor, ratios, totals = {}, {}, {}
+        shapes = None
+        for codec in codecs:
+            store = str(tmp / f"{codec}.zarr")
+            if not Path(store).exists():
+                run_dump(settings(codec))
+            shapes = shapes or tensor_shapes(store)
+            sizes_on_disk = summarize(store)["bytes_per_sample_view"]
+            per_tensor[codec] = {k: sizes_on_disk[k] for k in shapes}
+            totals[codec] = sum(sizes_on_disk.values())  # fingerprints and done flags included
+            ratios[codec] = {k: (4 * _prod(shapes[k]) / v if v else None) for k, v in per_tensor[codec].items()}
+        threads = torch.get_num_threads()
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    dump_ips = per_codec_ips[DEFAULT_CODEC]
+    fwd_ips = common.median([n / f for f in fwd])
+    ratio = dump_ips / fwd_ips
+    raw = {k: 4 * _prod(s) for k, s in shapes.items()}
+    teacher_name = args.teacher or f"{args.teacher_cfg} (random weights)"
+    result = {
+        **common.header(args.device),
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "images": n,
+                     "codec": DEFAULT_CODEC, "torch_threads": threads},
+        "dump_images_per_sec": dump_ips,
+        "dump_images_per_sec_end_to_end": common.median([n / w for w in whole]),
+        "dump_setup_seconds": common.median(setup),
+        "forward_images_per_sec": fwd_ips,
+        "ratio_dump_over_forward": ratio,
+        "target": {"op": ">=", "value": TARGET, "pass": ratio >= TARGET},
+        "per_repeat": {"forward_seconds": fwd, "dump_seconds": whole, "setup_seconds": setup},
+        "dump_images_per_sec_by_codec": per_codec_ips,
+        "tensor_shapes": {k: list(s) for k, s in shapes.items()},
+        "float32_bytes_per_sample": raw,
+        "bytes_per_sample_view": per_tensor,
+        "bytes_per_sample_view_total": totals,
+        "compression_ratio": ratios,
+    }
+    out = common.write_json(args.out, result)
+
+    print()
+    print(common.table(
+        ["codec", "dump img/s", "kB/sample-view", "x vs float32"],
+        [[c, per_codec_ips[c], totals[c] / 1e3, sum(raw.values()) / totals[c]] for c in codecs],
+        title=f"dump of {n} images at imgsz {args.imgsz}, batch {args.batch}, {args.workers} workers, teacher {teacher_name}, device {args.device}",
+    ))
+    print()
+    rows = [[k, "x".join(map(str, shapes[k])), raw[k] / 1e3,
+             *(f"{per_tensor[c][k] / 1e3:.1f} ({ratios[c][k]:.1f}x)" for c in codecs)] for k in shapes]
+    footer = [
+        f"forward alone {fwd_ips:.1f} img/s; dump {dump_ips:.1f} img/s steady ({result['dump_images_per_sec_end_to_end']:.1f} "
+        f"end to end, {result['dump_setup_seconds']:.1f} s setup), medians of {args.repeats}",
+        f"{common.verdict(ratio >= TARGET)}  dump/forward = {ratio:.2f} (target >= {TARGET})",
+    ]
+    if not args.teacher:
+        footer.append("note: a teacher with random weights compresses unrealistically; pass --teacher with a trained checkpoint for real sizes")
+    if not args.data:
+        footer.append("note: toy images (shapes on noise) are not natural images; pass --data for a real dataset")
+    footer.append(f"written to {out}")
+    print(common.table(["tensor", "shape", "f32 kB", *(f"{c} kB (ratio)" for c in codecs)], rows,
+                       title="bytes on disk per sample-view", footer=footer))
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+if __name__ == "__main__":
+    main()

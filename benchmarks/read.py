@@ -1,0 +1,220 @@
+"""Phase-two input: can reading the cache keep up with the student?
+
+Delivery: cached samples per second out of the training input pipeline, built as
+DistillTrainer.get_dataloader builds it (DistillDataset: replay + cache read + fingerprint check,
+EpochSampler, InfiniteDataLoader, DistillDataset.collate_fn), with 0, 1 and 2 DataLoader workers.
+The first batch of each loader (worker start-up) is not timed.
+
+Consumption: images per second one training step of the student takes in: forward, the
+detection loss plus the distillation terms (DistillLoss), backward and an SGD step, on a real
+batch from the cache already on the device (AMP on CUDA, as Ultralytics trains).
+
+On CPU both run with the thread count Ultralytics' trainer sets (torch.set_num_threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Default sizes take about 3 minutes on 2 CPU cores. GPU run: --device 0 --imgsz 640 --batch 16 --workers 0,1,2,4,8",
+    )
+    p.add_argument("--images", type=int, default=128, help="training images in the generated toy dataset (default: 128)")
+    p.add_argument("--imgsz", type=int, default=320, help="image size of cache and student, multiple of 32 (default: 320)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the loader and of the student step (default: 8)")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to measure (default: 0,1,2)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the dataset per worker count (default: 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed student steps, after 2 untimed warm-up steps (default: 5)")
+    p.add_argument("--student", default="yolov8n.yaml", help="student model yaml (default: yolov8n.yaml)")
+    p.add_argument("--teacher-cfg", default=None, help="teacher yaml for the cache, random weights (default: yolov8x.yaml; yolov8n.yaml with --quick)")
+    p.add_argument("--teacher", default=None, help="a teacher checkpoint (.pt) for the dump instead of --teacher-cfg (its nc must match the data)")
+    p.add_argument("--cache", default=None, help="read an existing cache store instead of dumping one (needs --data, the data it was dumped from)")
+    p.add_argument("--data", default=None, help="data.yaml of --cache")
+    p.add_argument("--dump-workers", type=int, default=1, help="DataLoader workers of the dump that writes the cache (default: 1)")
+    p.add_argument("--device", default="cpu", help="cpu, 0, 1, ... for the dump's teacher and the student step (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for loader and student step (default on CPU: what Ultralytics' trainer sets, cores-1 up to 8)")
+    p.add_argument("--seed", default=0, type=int, help="augmentation and sampling seed (default: 0)")
+    p.add_argument("--out", default=str(common.RESULTS / "read.json"), help="result JSON (default: benchmarks/results/read.json)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, cache) and print its path")
+    p.add_argument("--quick", action="store_true", help="smoke test: 16 images at imgsz 64, 1 epoch, 2 steps, yolov8n teacher (~1 minute)")
+    args = p.parse_args()
+    if args.quick:
+        args.images, args.imgsz, args.batch, args.epochs, args.steps = 16, 64, 4, 1, 2
+        args.teacher_cfg = args.teacher_cfg or "yolov8n.yaml"
+    args.teacher_cfg = args.teacher_cfg or "yolov8x.yaml"
+    args.workers = [int(w) for w in args.workers.split(",")]
+    if bool(args.cache) != bool(args.data):
+        p.error("--cache and --data go together")
+    return args
+
+
+def build_dataset(store: str, data: str):
+    """The training dataset exactly as DistillTrainer builds it from a cache."""
+    from softlabel.augment import AugmentConfig
+    from softlabel.cache.reader import CacheReader
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.replay import Replay
+    from softlabel.train import DistillDataset, ViewPlan
+
+    reader = CacheReader(store)
+    reader.require_complete()
+    aug = reader.attrs["augment"]
+    index = build_index(load_data_yaml(data), check_images=False)
+    replay = Replay(index, AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
+    # no closing epochs: every epoch reads the mosaic views, cycled as a long run would
+    plan = ViewPlan(epochs=10_000, close_mosaic=0, views=int(aug["views"]), close_views=int(aug["close_views"]))
+    return DistillDataset(replay, plan, reader)
+
+
+def make_loader(dataset, batch: int, workers: int, seed: int, cuda: bool):
+    """The arguments of DistillTrainer.get_dataloader, for one rank."""
+    from ultralytics.data.build import InfiniteDataLoader
+
+    from softlabel.train import DistillDataset, EpochSampler
+
+    return InfiniteDataLoader(
+        dataset, batch_size=batch, sampler=EpochSampler(len(dataset), seed), num_workers=min(workers, batch),
+        collate_fn=DistillDataset.collate_fn, pin_memory=cuda, drop_last=False,
+    )
+
+
+def delivery_rate(dataset, args, workers: int, cuda: bool) -> tuple[float, dict]:
+    """Samples per second after the first batch; also returns that first batch for the student step."""
+    loader = make_loader(dataset, args.batch, workers, args.seed, cuda)
+    first, samples, start = None, 0, 0.0
+    try:
+        for _ in range(args.epochs):
+            for batch in loader:
+                if first is None:  # workers are up and the pipeline is primed from here on
+                    first, start = batch, time.perf_counter()
+                else:
+                    samples += len(batch["sample"])
+        seconds = time.perf_counter() - start
+    finally:
+        loader.close()  # persistent workers would otherwise outlive the measurement
+    if samples == 0:
+        raise SystemExit("too few batches to time: raise --images or --epochs, or lower --batch")
+    return samples / seconds, first
+
+
+def student_rate(batch: dict, args, attrs: dict, device) -> float:
+    """Images per second one full training step of the student consumes."""
+    import torch
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from softlabel.distill.config import load_distill
+    from softlabel.distill.distiller import Distiller
+    from softlabel.train import DistillLoss, student_levels
+
+    t = attrs["teacher"]
+    model = DetectionModel(args.student, nc=t["nc"], verbose=False).to(device).train()
+    model.args = get_cfg()  # the loss gains (box, cls, dfl) Ultralytics' trainer puts there
+    levels, channels, reg_max, _, _ = student_levels(model)
+    t_levels = list(attrs["storage"]["levels"])
+    t_channels = [dict(zip(t["levels"], t["feature_channels"]))[lvl] for lvl in t_levels]
+    distiller = Distiller(load_distill(None), reg_max, levels, channels, t_levels, t_channels).to(device)
+    model.criterion = DistillLoss(model, distiller, levels)
+    params = [p for p in [*model.parameters(), *distiller.parameters()] if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.937, nesterov=True)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    n = batch["img"].shape[0]
+
+    def step():
+        with torch.autocast(device.type, enabled=cuda):
+            loss, _ = model({**batch, "img": batch["img"].float() / 255})
+        scaler.scale(loss.sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up: allocator, kernel selection
+        step()
+    common.sync(device)
+    with common.Timer() as timer:
+        for _ in range(args.steps):
+            step()
+        common.sync(device)
+    return n * args.steps / timer.seconds
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from ultralytics.utils import NUM_THREADS
+
+    from softlabel.cache.store import read_attrs
+    from softlabel.dump import DumpSettings, resolve_device, run_dump
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    tmp = Path(tempfile.mkdtemp(prefix="softlabel-readbench-"))
+    try:
+        if args.cache:
+            store, data = args.cache, args.data
+        else:
+            data = str(common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed))
+            teacher = args.teacher or common.make_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt")
+            store = str(tmp / "cache.zarr")
+            print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
+            run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,
+                                  batch=args.batch, device=args.device, workers=args.dump_workers, seed=args.seed,
+                                  progress=False))
+        attrs = read_attrs(store)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif device.type == "cpu":
+            torch.set_num_threads(NUM_THREADS)  # what Ultralytics' trainer runs a CPU training with
+        dataset = build_dataset(store, data)
+        n = len(dataset)
+        rates, batch = {}, None
+        for w in args.workers:
+            rates[str(w)], first = delivery_rate(dataset, args, w, cuda)
+            batch = batch or first
+            print(f"{w} workers: {rates[str(w)]:.1f} samples/s", flush=True)
+        consumes = student_rate(batch, args, attrs, device)
+        print(f"student step: {consumes:.1f} images/s", flush=True)
+        threads = torch.get_num_threads()
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    t = attrs["teacher"]
+    result = {
+        **common.header(args.device),
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "images": n,
+                     "cache_teacher": t["arch"], "cache_levels": attrs["storage"]["levels"],
+                     "codec": attrs["storage"]["codec"].get("preset"), "torch_threads": threads},
+        "samples_per_sec": rates,
+        "student_consumes_per_sec": consumes,
+        "delivery_over_consumption": {w: r / consumes for w, r in rates.items()},
+    }
+    out = common.write_json(args.out, result)
+
+    rows = [[w, r, r / consumes, "yes" if r >= consumes else "no"] for w, r in rates.items()]
+    footer = [
+        f"student {args.student} step (forward + DistillLoss + backward + SGD, batch {args.batch}): {consumes:.1f} images/s",
+        f"torch threads {threads}; {args.epochs} epoch(s) of {n} samples per worker count, first batch untimed",
+        f"written to {out}",
+    ]
+    title = (f"cache read: teacher {t['arch']} features {','.join(attrs['storage']['levels']) or 'none'}, "
+             f"imgsz {attrs['augment']['imgsz']}, batch {args.batch}, device {args.device}")
+    print()
+    print(common.table(["workers", "samples/s", "x student", "keeps up"], rows, title, footer))
+
+
+if __name__ == "__main__":
+    main()
