@@ -3,7 +3,8 @@
 Delivery: cached samples per second out of the training input pipeline, built as
 DistillTrainer.get_dataloader builds it (DistillDataset: replay + cache read + fingerprint check,
 EpochSampler, InfiniteDataLoader, DistillDataset.collate_fn), with 0, 1 and 2 DataLoader workers.
-The first batch of each loader (worker start-up) is not timed.
+The first batch of each loader (worker start-up) is not timed; by then up to 2 x workers batches may
+already wait in the prefetch queue, a bias that is small once an epoch holds many batches.
 
 Consumption: images per second one training step of the student takes in: forward, the
 detection loss plus the distillation terms (DistillLoss), backward and an SGD step, on a real

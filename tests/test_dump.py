@@ -257,3 +257,17 @@ def test_newer_schema_is_refused(tmp_path, existing_store):
     group = zarr.open_group(str(existing_store), mode="r+")
     group.attrs["schema_version"] = 99
     _assert_clean_error(run_cli("info", existing_store), "schema version 99", "upgrade")
+
+
+def test_reader_fast_path_equals_zarr_for_every_sample(dumped):
+    reader = CacheReader(str(dumped))
+    group = zarr.open_group(str(dumped), mode="r")
+    for view in ("v0", "v1", "c0"):
+        for i in range(12):
+            s = reader.read(view, i)
+            for lvl in reader.levels:
+                assert np.array_equal(s.head[lvl], np.asarray(group[f"{view}/head/{lvl}"][i]))
+                assert np.array_equal(s.feat[lvl], np.asarray(group[f"{view}/feat/{lvl}"][i]))
+            assert s.fingerprint == np.asarray(group[f"{view}/fingerprint"][i]).tobytes()
+    # a local store is read without zarr's event loop
+    assert all(r is not None for r in reader._fast_readers.values())

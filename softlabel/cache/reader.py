@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from softlabel.cache import store
+from softlabel.cache.fastread import ShardedSampleReader, open_fast
 from softlabel.cache.schema import Layout, feat_path, fingerprint_path, head_path
 from softlabel.errors import UserError
 
@@ -26,11 +27,12 @@ class CacheReader:
         self.layout = Layout.from_attrs(self.attrs)
         self._group = None
         self._arrays: dict[str, Any] = {}
+        self._fast_readers: dict[str, ShardedSampleReader | None] = {}
 
     # zarr handles are opened lazily per process: a forked or spawned worker opens its own
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_group"], state["_arrays"] = None, {}
+        state["_group"], state["_arrays"], state["_fast_readers"] = None, {}, {}
         return state
 
     def _array(self, path: str):
@@ -75,9 +77,16 @@ class CacheReader:
         feat = {lvl: self._sample(feat_path(view, lvl), index) for lvl in self.feature_levels}
         return CachedSample(head=head, feat=feat, fingerprint=self._sample(fingerprint_path(view), index).tobytes())
 
+    def _fast(self, path: str) -> ShardedSampleReader | None:
+        if path not in self._fast_readers:
+            root = store.local_path(self.location)
+            self._fast_readers[path] = open_fast(root, path) if root is not None else None
+        return self._fast_readers[path]
+
     def _sample(self, path: str, index: int) -> np.ndarray:
         try:
-            return np.asarray(self._array(path)[index])
+            fast = self._fast(path)
+            return fast.read(index) if fast is not None else np.asarray(self._array(path)[index])
         except Exception as e:  # a checksum or codec failure: never train on the bytes
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise UserError(f"{self.location}: {path} sample {index} cannot be read ({reason}); the store is damaged, "

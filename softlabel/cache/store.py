@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from softlabel.cache.codecs import compressors
 from softlabel.cache.schema import (
@@ -100,7 +101,13 @@ def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> N
                 )
         if fingerprint_path(view) not in group:
             group.create_array(
-                fingerprint_path(view), shape=(n, FINGERPRINT_BYTES), chunks=(s, FINGERPRINT_BYTES), dtype="uint8", fill_value=0
+                fingerprint_path(view),
+                shape=(n, FINGERPRINT_BYTES),
+                chunks=(1, FINGERPRINT_BYTES),
+                shards=(s, FINGERPRINT_BYTES),
+                dtype="uint8",
+                compressors=[Crc32cCodec()],
+                fill_value=0,
             )
         if done_path(view) not in group:
             # one flag per file, so writers of different shards never touch the same object
