@@ -16,7 +16,8 @@ from tqdm import tqdm
 import softlabel
 from softlabel.augment import load_augment
 from softlabel.cache import store
-from softlabel.cache.codecs import DEFAULT_CODEC, codec_spec
+from softlabel.cache.codecs import DEFAULT_CODEC, codec_choice
+from softlabel.cache.encoding import PRECISIONS, stored_dtype
 from softlabel.cache.lock import DumpLock
 from softlabel.cache.schema import Layout, build_attrs, feat_path, head_path, settings_diff
 from softlabel.cache.writer import CacheWriter
@@ -42,7 +43,10 @@ class DumpSettings:
     levels: list[str] | None = None  # feature levels to keep; None keeps all
     features: bool = True
     overwrite: bool = False
-    codec: str = DEFAULT_CODEC
+    codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
+    precision: str = "float16"
+    head_topk: int | None = None  # sparse head: anchors kept per image
+    head_floor: float = 0.0  # sparse head: minimum teacher score of a kept anchor
     shard_size: int = 16
     progress: bool = True
 
@@ -129,10 +133,12 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
     }
     aug = {**augment.to_dict(), "seed": settings.seed, "imgsz": settings.imgsz, "views": settings.views, "close_views": settings.close_views}
     storage = {
-        "dtype": "float16",
-        "codec": {**codec_spec(settings.codec), "preset": settings.codec},
+        "dtype": stored_dtype(settings.precision),
+        "precision": settings.precision,
+        "codec": codec_choice(settings.codec),
         "checksum": "crc32c",
-        "quantisation": None,
+        "quantisation": "int8 symmetric, one float32 scale per sample and channel" if settings.precision == "int8" else None,
+        "head_sparse": {"topk": settings.head_topk, "floor": settings.head_floor} if settings.head_topk else None,
         "shard_size": settings.shard_size,
         "features": settings.features,
         "levels": levels if settings.features else [],
@@ -149,6 +155,15 @@ def prepare(settings: DumpSettings):
         raise UserError("--close-views must be 0 or more")
     if settings.batch < 1 or settings.shard_size < 1:
         raise UserError("--batch and --shard-size must be at least 1")
+    if settings.precision not in PRECISIONS:
+        raise UserError(f"--precision {settings.precision}: valid precisions are {', '.join(PRECISIONS)}")
+    if settings.head_topk is not None and settings.head_topk < 1:
+        raise UserError("--head-topk must be at least 1")
+    if not 0.0 <= settings.head_floor < 1.0:
+        raise UserError("--head-floor is a score in [0, 1)")
+    if settings.head_floor and not settings.head_topk:
+        raise UserError("--head-floor needs --head-topk (the most anchors kept per image)")
+    codec_choice(settings.codec)
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)
     device = resolve_device(settings.device)
@@ -250,7 +265,7 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         pin_memory=teacher.device.type == "cuda",
         prefetch_factor=4 if settings.workers else None,
     )
-    writer = CacheWriter(group, layout, dtype=attrs["storage"]["dtype"])
+    writer = CacheWriter(group, layout)
     levels = attrs["teacher"]["levels"]
     feat_levels = attrs["storage"]["levels"]
     desc = f"dump {Path(settings.out).name}" + (f" rank {rank}/{world}" if world > 1 else "")

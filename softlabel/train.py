@@ -114,6 +114,8 @@ class DistillDataset(Dataset):
                     "seed, augmentation settings, the image file or the OpenCV/albumentations build changed since the dump"
                 )
             out["teacher_head"] = torch.from_numpy(np.concatenate([h.reshape(h.shape[0], -1) for h in cached.head.values()], 1))
+            if cached.mask is not None:  # a sparse head: the box loss skips reconstructed anchors
+                out["teacher_mask"] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in cached.mask.values()]).astype(np.float32))
             for lvl, f in cached.feat.items():
                 out[f"teacher_feat_{lvl}"] = torch.from_numpy(f)
         return out
@@ -141,7 +143,8 @@ class DistillLoss(v8DetectionLoss):
         det, items = self.get_assigned_targets_and_loss(preds, batch)[1:]
         if "teacher_head" in batch:
             feats = {k[len("teacher_feat_") :]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
-            terms = self.distiller(preds, TeacherBatch(batch["teacher_head"], feats), self.student_levels)
+            teacher = TeacherBatch(batch["teacher_head"], feats, batch.get("teacher_mask"))
+            terms = self.distiller(preds, teacher, self.student_levels)
         else:  # a batch without teacher tensors (validation): the terms read zero
             terms = {k: det.new_zeros(()) for k in self.distiller.item_names}
         loss = torch.cat([det, *(v.reshape(1) for v in terms.values())])

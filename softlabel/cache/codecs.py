@@ -23,6 +23,21 @@ def codec_spec(name: str) -> dict[str, Any]:
     return dict(CODECS[name])
 
 
+def codec_choice(text: str) -> dict[str, dict[str, Any]]:
+    """'blosc-zstd' (every tensor) or 'head=zstd,feat=blosc-lz4' -> {"head": spec, "feat": spec}."""
+    choice = {"head": DEFAULT_CODEC, "feat": DEFAULT_CODEC}
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0]:
+        choice = {"head": parts[0], "feat": parts[0]}
+    else:
+        for part in parts:
+            key, _, name = part.partition("=")
+            if key not in choice or not name:
+                raise UserError(f"--codec {text!r}: expected PRESET or head=PRESET,feat=PRESET")
+            choice[key] = name
+    return {key: {**codec_spec(name), "preset": name} for key, name in choice.items()}
+
+
 def compressors(spec: dict[str, Any]) -> list:
     """The bytes-to-bytes codec chain of one inner chunk: compression, then a checksum."""
     kind = spec["name"]

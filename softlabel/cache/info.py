@@ -26,6 +26,7 @@ def summarize(location: str) -> dict[str, Any]:
         head, _, rest = path.partition("/")
         if head in layout.views:
             per_tensor[rest] += nbytes
+    totals = {kind: sum(v for k, v in per_tensor.items() if k.split("/")[0].split("_")[0] == kind) for kind in ("head", "feat")}
     return {
         "location": str(location),
         "schema_version": attrs["schema_version"],
@@ -39,6 +40,7 @@ def summarize(location: str) -> dict[str, Any]:
         "complete": all(bool(d.all()) for d in flags.values()),
         "bytes_total": int(sum(sizes.values())),
         "bytes_per_sample_view": {k: (v / samples_done if samples_done else 0.0) for k, v in sorted(per_tensor.items())},
+        "bytes_per_sample_view_total": {k: (v / samples_done if samples_done else 0.0) for k, v in totals.items()},
     }
 
 
@@ -55,12 +57,16 @@ def render(summary: dict[str, Any]) -> str:
         f"data       {d['count']} images from {d['yaml']} ({d['split']}), list hash {d['images_hash'][:12]}",
         f"augment    imgsz={a['imgsz']} seed={a['seed']} views={a['views']} close_views={a['close_views']} "
         + " ".join(f"{k}={v}" for k, v in a.items() if k not in ("imgsz", "seed", "views", "close_views")),
-        f"storage    {s['dtype']}, codec {s['codec'].get('preset', s['codec']['name'])}, checksum {s['checksum']}, "
-        f"shard {s['shard_size']} samples, features {'levels ' + ','.join(s['levels']) if s['features'] else 'off'}",
+        f"storage    {s.get('precision', s['dtype'])}, codec head {s['codec']['head']['preset']} / feat {s['codec']['feat']['preset']}, "
+        f"checksum {s['checksum']}, shard {s['shard_size']} samples, "
+        f"head {'sparse: top ' + str(s['head_sparse']['topk']) + ' anchors, floor ' + str(s['head_sparse']['floor']) if s.get('head_sparse') else 'dense'}, "
+        f"features {'levels ' + ','.join(s['levels']) if s['features'] else 'off'}",
         "views      " + "  ".join(f"{v}: {x['shards_done']}/{x['shards_total']}" for v, x in summary["views"].items()),
         f"complete   {'yes' if summary['complete'] else 'no (run the same dump command again to resume)'}",
         f"on disk    {_mb(summary['bytes_total'])} in total; per sample-view:",
     ]
     for name, nbytes in summary["bytes_per_sample_view"].items():
-        lines.append(f"           {name:<14} {_mb(nbytes)}")
+        lines.append(f"           {name:<18} {_mb(nbytes)}")
+    for name, nbytes in summary["bytes_per_sample_view_total"].items():
+        lines.append(f"           {name + ' (all)':<18} {_mb(nbytes)}")
     return "\n".join(lines)

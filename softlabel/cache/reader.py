@@ -9,7 +9,8 @@ import numpy as np
 
 from softlabel.cache import store
 from softlabel.cache.fastread import ShardedSampleReader, open_fast
-from softlabel.cache.schema import Layout, feat_path, fingerprint_path, head_path
+from softlabel.cache.encoding import decode_sample
+from softlabel.cache.schema import Layout, fingerprint_path
 from softlabel.errors import UserError
 
 
@@ -18,6 +19,7 @@ class CachedSample:
     head: dict[str, np.ndarray]  # level -> [4*reg_max + nc, H, W]
     feat: dict[str, np.ndarray]  # level -> [C, H, W]
     fingerprint: bytes
+    mask: dict[str, np.ndarray] | None = None  # sparse heads: level -> [H, W], True where the teacher's head was kept
 
 
 class CacheReader:
@@ -73,9 +75,11 @@ class CacheReader:
     def read(self, view: str, index: int) -> CachedSample:
         if view not in self.layout.views:
             raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
-        head = {lvl: self._sample(head_path(view, lvl), index) for lvl in self.levels}
-        feat = {lvl: self._sample(feat_path(view, lvl), index) for lvl in self.feature_levels}
-        return CachedSample(head=head, feat=feat, fingerprint=self._sample(fingerprint_path(view), index).tobytes())
+        prefix = f"{view}/"
+        stored = {name[len(prefix) :]: self._sample(name, index) for name in self.layout.stored(view)}
+        decoded = decode_sample(stored, self.layout)
+        fingerprint = self._sample(fingerprint_path(view), index).tobytes()
+        return CachedSample(head=decoded.head, feat=decoded.feat, fingerprint=fingerprint, mask=decoded.mask)
 
     def _fast(self, path: str) -> ShardedSampleReader | None:
         if path not in self._fast_readers:

@@ -3,8 +3,10 @@
 Layout (zarr v3):
     samples/path          [N]                 image paths relative to the dataset root
     {view}/fingerprint    [N, 16] uint8       blake2b-128 of the replayed image and labels
-    {view}/head/{level}   [N, 4*reg_max+nc, H, W]
+    {view}/head/{level}   [N, 4*reg_max+nc, H, W]   dense head (or, sparse: head/index [N, K],
+                                                     head/values [N, K, 4*reg_max+nc], head/background [N, nc])
     {view}/feat/{level}   [N, C, H, W]
+    {view}/head_scale/{level}, feat_scale/{level}   [N, C] float32, with int8 precision
     {view}/done           [N/S] uint8         1 once every array of that shard is durable
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples.
 """
@@ -25,26 +27,67 @@ _VOLATILE = {"teacher.path", "data.yaml", "data.root", "created", "softlabel_ver
 
 
 @dataclass(frozen=True)
+class ArraySpec:
+    """One stored array of a view: per-sample shape, dtype, and which codec group compresses it."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str  # "head", "feat" (the configured presets) or "raw" (checksum only)
+
+
+@dataclass(frozen=True)
 class Layout:
-    """The shapes of one sample's tensors and how samples group into shards."""
+    """The shapes of one sample's tensors, how they are stored, and how samples group into shards."""
 
     count: int
     shard_size: int
-    head: dict[str, tuple[int, int, int]]  # level -> (channels, H, W)
+    head: dict[str, tuple[int, int, int]]  # level -> (channels, H, W), as the teacher outputs it
     feat: dict[str, tuple[int, int, int]]
     views: list[str]
+    reg_max: int = 16
+    nc: int = 80
+    precision: str = "float16"
+    sparse: dict | None = None  # {"topk": K, "floor": F} for a sparse head
 
     @property
     def n_shards(self) -> int:
         return math.ceil(self.count / self.shard_size)
 
+    @property
+    def anchors(self) -> int:
+        return sum(h * w for _, h, w in self.head.values())
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
 
-    def arrays(self, view: str) -> dict[str, tuple[int, ...]]:
-        """Every per-sample tensor array of a view: path -> per-sample shape."""
+    def raw(self, view: str) -> dict[str, tuple[int, ...]]:
+        """What a writer buffers per sample before encoding: the teacher's float16 tensors."""
         out = {head_path(view, lvl): shape for lvl, shape in self.head.items()}
         out.update({feat_path(view, lvl): shape for lvl, shape in self.feat.items()})
+        return out
+
+    def stored(self, view: str) -> dict[str, ArraySpec]:
+        """Every per-sample array of a view as it is on disk."""
+        from softlabel.cache.encoding import stored_dtype
+
+        dt, int8 = stored_dtype(self.precision), self.precision == "int8"
+        out: dict[str, ArraySpec] = {}
+        if self.sparse:
+            k, c = self.sparse["topk"], 4 * self.reg_max + self.nc
+            out[f"{view}/head/index"] = ArraySpec((k,), "int32", "head")
+            out[f"{view}/head/values"] = ArraySpec((k, c), dt, "head")
+            out[f"{view}/head/background"] = ArraySpec((self.nc,), "float16", "head")
+            if int8:
+                out[f"{view}/head/scale"] = ArraySpec((c,), "float32", "raw")
+        else:
+            for lvl, shape in self.head.items():
+                out[head_path(view, lvl)] = ArraySpec(shape, dt, "head")
+                if int8:
+                    out[f"{view}/head_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
+        for lvl, shape in self.feat.items():
+            out[feat_path(view, lvl)] = ArraySpec(shape, dt, "feat")
+            if int8:
+                out[f"{view}/feat_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
         return out
 
     @classmethod
@@ -56,7 +99,17 @@ class Layout:
         head = {lvl: (4 * t["reg_max"] + t["nc"], *sizes[lvl]) for lvl in t["levels"]}
         feat = {lvl: (channels[lvl], *sizes[lvl]) for lvl in s["levels"]} if s["features"] else {}
         views = [f"v{k}" for k in range(a["views"])] + [f"c{m}" for m in range(a["close_views"])]
-        return cls(count=attrs["data"]["count"], shard_size=s["shard_size"], head=head, feat=feat, views=views)
+        return cls(
+            count=attrs["data"]["count"],
+            shard_size=s["shard_size"],
+            head=head,
+            feat=feat,
+            views=views,
+            reg_max=int(t["reg_max"]),
+            nc=int(t["nc"]),
+            precision=s.get("precision", "float16"),
+            sparse=s.get("head_sparse"),
+        )
 
 
 def head_path(view: str, level: str) -> str:

@@ -14,6 +14,7 @@ from softlabel.cache.codecs import compressors
 from softlabel.cache.schema import (
     FORMAT,
     SCHEMA_VERSION,
+    ArraySpec,
     Layout,
     check_format,
     done_path,
@@ -83,32 +84,25 @@ def create(location: str, attrs: dict[str, Any], layout: Layout, sample_paths: l
 
 def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> None:
     storage = attrs["storage"]
-    chain = compressors(storage["codec"])
+    chains = {group_name: compressors(spec) for group_name, spec in storage["codec"].items()}
+    chains["raw"] = [Crc32cCodec()]
     s, n = layout.shard_size, layout.count
     if "samples/path" not in group:
         group.create_array("samples/path", shape=(n,), chunks=(min(n, 65536),), dtype=str)
     for view in layout.views:
-        for name, shape in layout.arrays(view).items():
+        arrays = dict(layout.stored(view))
+        arrays[fingerprint_path(view)] = ArraySpec((FINGERPRINT_BYTES,), "uint8", "raw")
+        for name, spec in arrays.items():
             if name not in group:
                 group.create_array(
                     name,
-                    shape=(n, *shape),
-                    chunks=(1, *shape),
-                    shards=(s, *shape),
-                    dtype=storage["dtype"],
-                    compressors=chain,
+                    shape=(n, *spec.shape),
+                    chunks=(1, *spec.shape),  # one sample per inner chunk: a sample is one small read
+                    shards=(s, *spec.shape),
+                    dtype=spec.dtype,
+                    compressors=chains[spec.codec],
                     fill_value=0,
                 )
-        if fingerprint_path(view) not in group:
-            group.create_array(
-                fingerprint_path(view),
-                shape=(n, FINGERPRINT_BYTES),
-                chunks=(1, FINGERPRINT_BYTES),
-                shards=(s, FINGERPRINT_BYTES),
-                dtype="uint8",
-                compressors=[Crc32cCodec()],
-                fill_value=0,
-            )
         if done_path(view) not in group:
             # one flag per file, so writers of different shards never touch the same object
             group.create_array(done_path(view), shape=(layout.n_shards,), chunks=(1,), dtype="uint8", fill_value=0)

@@ -1,6 +1,7 @@
 """Shard-owned background writing: the teacher never waits for compression or disk.
 
-Samples are buffered per (view, shard); a shard is handed to a writer thread only when all its
+Samples are buffered per (view, shard) as the teacher's float16 tensors; a shard is encoded
+(precision, sparse head) and handed to a writer thread only when all its
 samples are in, is written whole (zarr rewrites a shard object whole, so partial writes by two
 owners would lose rows), and its done flag is set only after every array of it is stored.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from softlabel.cache.encoding import encode_shard
 from softlabel.cache.schema import Layout, done_path, fingerprint_path
 from softlabel.errors import UserError
 from softlabel.replay import FINGERPRINT_BYTES
@@ -34,10 +36,9 @@ class _ShardBuffer:
 class CacheWriter:
     """Collects per-sample tensors and writes complete shards on a small thread pool."""
 
-    def __init__(self, group: zarr.Group, layout: Layout, dtype: str = "float16", threads: int = 2, max_pending: int = 4):
+    def __init__(self, group: zarr.Group, layout: Layout, threads: int = 2, max_pending: int = 4):
         self.group = group
         self.layout = layout
-        self.dtype = np.dtype(dtype)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="softlabel-writer")
         self._slots = threading.BoundedSemaphore(max_pending)  # bounds memory held by shards in flight
         self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
@@ -50,13 +51,13 @@ class CacheWriter:
         key = (view, shard)
         if key not in self._buffers:
             start, stop = self.layout.shard_range(shard)
-            arrays = {name: np.zeros((stop - start, *shape), self.dtype) for name, shape in self.layout.arrays(view).items()}
+            arrays = {name: np.zeros((stop - start, *shape), np.float16) for name, shape in self.layout.raw(view).items()}
             fps = np.zeros((stop - start, FINGERPRINT_BYTES), np.uint8)
             self._buffers[key] = _ShardBuffer(start, stop, arrays, fps)
         return self._buffers[key]
 
     def add(self, view: str, index: int, tensors: dict[str, np.ndarray], fingerprint: bytes) -> None:
-        """tensors: array path -> this sample's tensor (e.g. 'v0/head/p3' -> [C, H, W])."""
+        """tensors: raw array path -> this sample's teacher tensor (e.g. 'v0/head/p3' -> [C, H, W])."""
         self.raise_errors()
         shard = index // self.layout.shard_size
         buf = self._buffer(view, shard)
@@ -72,9 +73,12 @@ class CacheWriter:
 
     def _write(self, view: str, shard: int, buf: _ShardBuffer) -> None:
         try:
-            for name, data in buf.arrays.items():
-                self.group[name][buf.start : buf.stop] = data
-            self.group[fingerprint_path(view)][buf.start : buf.stop] = buf.fingerprints
+            prefix = f"{view}/"
+            raw = {name[len(prefix) :]: data for name, data in buf.arrays.items()}
+            for name, data in encode_shard(raw, self.layout).items():
+                # all-zero chunks are written too: a missing chunk must only ever mean damage
+                self.group[prefix + name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
+            self.group[fingerprint_path(view)].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = buf.fingerprints
             # the flag goes last: a shard marked done is a shard whose every byte is stored
             self.group[done_path(view)][shard] = 1
             with self._lock:

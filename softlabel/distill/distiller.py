@@ -22,6 +22,7 @@ ITEM = {"cls": "kd_cls", "box": "kd_box", "feat": "kd_feat"}
 class TeacherBatch:
     head: Tensor  # [B, 4*reg_max + nc, A]: DFL bins then class logits, anchors P3..P5 row-major
     feats: dict[str, Tensor]  # level -> [B, C, H, W]
+    mask: Tensor | None = None  # [B, A], 1 where the head is the teacher's own (a sparse cache reconstructs the rest)
 
 
 class Distiller(nn.Module):
@@ -44,6 +45,11 @@ class Distiller(nn.Module):
                 self.losses[name] = config.build(name)
         self.feat_levels: list[str] = []
         if "feat" in config.terms:
+            if not teacher_levels:
+                raise UserError(
+                    f"{config.source}: the 'feat' term needs teacher features, but the cache holds no features "
+                    "(dumped with --no-features); use a config without 'feat', e.g. configs/distill/logits_only.yaml"
+                )
             wanted = list(config.terms["feat"].levels or teacher_levels)
             missing = [lvl for lvl in wanted if lvl not in teacher_levels or lvl not in student_levels]
             if missing:
@@ -79,6 +85,9 @@ class Distiller(nn.Module):
         if "box" in self.losses:
             loss = self.losses["box"]
             weight = t_scores.sigmoid().amax(1) if getattr(loss, "confidence_weighted", False) else None
+            if teacher.mask is not None:
+                mask = teacher.mask.to(t_boxes.dtype)
+                weight = mask if weight is None else weight * mask
             out["kd_box"] = self.weights["box"] * loss(student["boxes"], t_boxes, weight)
         if self.feat_levels:
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]

@@ -1,0 +1,125 @@
+"""Storage options: precision, int8 scales, sparse heads, per-tensor codecs; round trips and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from softlabel.cache.encoding import _logit, densify, dequantise, quantise, sparsify
+from softlabel.cache.reader import CacheReader
+from softlabel.cli import main
+from test_dump import dump_args
+
+RNG = np.random.default_rng(0)
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_bfloat16_round_trip_is_within_half_a_step():
+    x = RNG.normal(0, 5, (3, 8, 4, 4)).astype(np.float32)
+    q, scale = quantise(x, "bfloat16", channel_axis=1)
+    assert q.dtype == np.uint16 and scale is None
+    back = np.stack([dequantise(s, "bfloat16", None, 0) for s in q])
+    assert np.all(np.abs(back - x) <= np.abs(x) * 2**-8 + 1e-30)
+    assert not np.array_equal(back, x)
+
+
+def test_int8_per_channel_round_trip_is_within_half_a_step():
+    x = RNG.normal(0, 1, (2, 6, 5, 5)).astype(np.float32) * np.array([1, 10, 0.1, 100, 3, 0])[None, :, None, None]
+    q, scale = quantise(x, "int8", channel_axis=1)
+    assert q.dtype == np.int8 and scale.shape == (2, 6)
+    for s in range(2):
+        back = dequantise(q[s], "int8", scale[s], 0)
+        step = np.abs(x[s]).max(axis=(1, 2)) / 127
+        assert np.all(np.abs(back - x[s]) <= 0.5 * step[:, None, None] + 1e-6)
+    values = RNG.normal(0, 1, (2, 7, 6)).astype(np.float32)  # [S, K, C]: channels last
+    qv, sv = quantise(values, "int8", channel_axis=2)
+    assert sv.shape == (2, 6)
+    assert np.allclose(dequantise(qv[1], "int8", sv[1], 1), values[1], atol=np.abs(values[1]).max(0).max() / 127)
+
+
+def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
+    reg_max, nc, anchors = 2, 3, 12
+    head = RNG.normal(0, 1, (2, 4 * reg_max + nc, anchors)).astype(np.float32)
+    head[:, 4 * reg_max :, :] -= 8  # mostly background
+    head[0, 4 * reg_max + 1, [3, 7]] = [4.0, 2.0]  # two confident anchors
+    index, values, background = sparsify(head, reg_max, topk=4, floor=0.5)
+    assert index.shape == (2, 4) and set(index[0][index[0] >= 0]) == {3, 7}  # the floor drops the rest
+    dense, mask = densify(index[0], values[0], background[0], reg_max, anchors)
+    assert mask.sum() == 2 and mask[3] and mask[7]
+    assert np.allclose(dense[:, mask], head[0][:, mask])
+    dropped = ~mask
+    probs = 1 / (1 + np.exp(-head[0, 4 * reg_max :, dropped.nonzero()[0]]))
+    expected = _logit(probs.mean(0))
+    assert np.allclose(dense[4 * reg_max :, dropped], expected[:, None].astype(np.float16), atol=1e-2)
+    assert np.all(dense[: 4 * reg_max, dropped] == 0)
+    no_floor, _, _ = sparsify(head, reg_max, topk=5, floor=0.0)
+    assert (no_floor >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--precision", "int8"],
+        ["--precision", "bfloat16", "--codec", "head=zstd,feat=blosc-lz4"],
+        ["--head-topk", "30", "--head-floor", "0.0"],
+        ["--head-topk", "30", "--precision", "int8", "--no-features"],
+    ],
+    ids=["int8", "bf16-codecs", "sparse", "sparse-int8-nofeat"],
+)
+def test_options_round_trip_and_verify(tmp_path, dataset, teacher, options):
+    out = tmp_path / "s.zarr"
+    r = run_cli(*dump_args(teacher, dataset, out, "--views", "1", *options))
+    assert r.exit_code == 0, (r.output, r.exception)
+    info = run_cli("info", out)
+    assert info.exit_code == 0 and "head (all)" in info.stdout
+    reader = CacheReader(str(out))
+    sample = reader.read("v0", 4)
+    assert [h.shape for h in sample.head.values()] == [(67, 8, 8), (67, 4, 4), (67, 2, 2)]
+    if "--head-topk" in options:
+        assert sample.mask is not None and sum(int(m.sum()) for m in sample.mask.values()) == 30
+    else:
+        assert sample.mask is None
+    v = run_cli("verify", out, "--samples", 4)
+    assert v.exit_code == 0, v.output
+    group = zarr.open_group(str(out), mode="r")
+    if "int8" in options:
+        assert group["v0/head/values" if "--head-topk" in options else "v0/head/p3"].dtype == np.int8
+    if "bfloat16" in options:
+        assert group["v0/feat/p3"].dtype == np.uint16
+        assert reader.attrs["storage"]["codec"]["head"]["preset"] == "zstd"
+
+
+def test_sparse_cache_masks_the_box_loss(tmp_path, dataset, teacher):
+    from softlabel.augment import AugmentConfig
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.replay import Replay
+    from softlabel.train import DistillDataset, ViewPlan
+
+    out = tmp_path / "sp.zarr"
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10")).exit_code == 0
+    reader = CacheReader(str(out))
+    aug = reader.attrs["augment"]
+    replay = Replay(build_index(load_data_yaml(dataset), check_images=False), AugmentConfig.from_attrs(aug), 64, aug["seed"])
+    batch = DistillDataset.collate_fn([DistillDataset(replay, ViewPlan(2, 0, 1, 1), reader)[(i, 0)] for i in range(3)])
+    assert batch["teacher_mask"].shape == (3, 84) and (batch["teacher_mask"].sum(1) == 10).all()
+
+
+def test_mismatched_options_are_refused(tmp_path, dataset, teacher):
+    out = tmp_path / "m.zarr"
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--no-features")).exit_code == 0
+    resumed = run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--no-features", "--precision", "int8"))
+    assert resumed.exit_code == 2 and "storage.precision: 'float16' -> 'int8'" in resumed.stderr
+    # a feature term against a cache without features
+    r = run_cli("train", "--student", "yolov8n", "--cache", out, "--data", dataset, "--epochs", 1, "--device", "cpu",
+                "--close-mosaic", 0, "--project", tmp_path / "runs")
+    assert r.exit_code == 2 and "no features" in r.stderr
+    for bad, needle in ((["--head-floor", "0.3"], "needs --head-topk"), (["--codec", "head=lz9"], "unknown codec"),
+                        (["--head-topk", "0"], "at least 1")):
+        b = run_cli(*dump_args(teacher, dataset, tmp_path / "x.zarr", *bad))
+        assert b.exit_code == 2 and needle in b.stderr, (bad, b.stderr)
