@@ -60,6 +60,8 @@ def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
     assert np.all(dense[: 4 * reg_max, dropped] == 0)
     no_floor, _, _ = sparsify(head, reg_max, topk=5, floor=0.0)
     assert (no_floor >= 0).all()
+    more_slots, more_values, _ = sparsify(head, reg_max, topk=anchors + 3, floor=0.0)  # more slots than anchors
+    assert more_slots.shape == (2, anchors + 3) and (more_slots[:, anchors:] == -1).all() and more_values.shape[1] == anchors + 3
 
 
 @pytest.mark.parametrize(

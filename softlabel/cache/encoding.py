@@ -99,6 +99,9 @@ def sparsify(head: np.ndarray, reg_max: int, topk: int, floor: float) -> tuple[n
     probs = 1 / (1 + np.exp(-logits))
     n = np.maximum(dropped.sum(1), 1)[:, None]
     background = _logit((probs * dropped[:, None, :]).sum(2) / n).astype(np.float16)
+    if k < topk:  # fewer anchors than slots (a small image): the rest of the slots stay unused
+        index = np.pad(index, ((0, 0), (0, topk - k)), constant_values=-1)
+        values = np.pad(values, ((0, 0), (0, topk - k), (0, 0)))
     return index, values, background
 
 

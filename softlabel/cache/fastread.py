@@ -98,7 +98,8 @@ class ShardedSampleReader:
         payload, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
         if len(raw) != nbytes or crc32c(payload) != crc:
             raise CorruptChunk("chunk checksum mismatch")
-        return np.frombuffer(self.decode(payload), self.dtype).reshape(self.sample_shape)
+        # a writable copy: torch.from_numpy downstream must not share a read-only buffer
+        return np.frombuffer(self.decode(payload), self.dtype).reshape(self.sample_shape).copy()
 
 
 def open_fast(root: Path, path: str) -> ShardedSampleReader | None:

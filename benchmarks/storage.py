@@ -1,0 +1,266 @@
+"""Storage options of `softlabel dump`: what each byte saved costs.
+
+For each option (precision, sparse head, codec, feature levels) the same data is dumped with the
+same trained teacher, and measured for:
+
+- bytes on disk per sample-view, head and features (`softlabel info`'s totals);
+- dump throughput (sample-views per second, replay + teacher + encode + write) and read throughput
+  (samples per second through CacheReader.read, decode included);
+- fidelity: the distillation loss (configs/distill/default.yaml, all terms) computed from the store
+  against the same loss from the dense float32 outputs of the live teacher, on the same samples and
+  the same fixed student; relative error |store - live| / |live| per batch, max and mean.
+
+Sizes are then scaled to a 640 px, 80-class YOLOv8x sample-view (8400 anchors, 144 head channels,
+feature channels 320/640/640) with the bytes per stored value each option achieved here, and a
+COCO train2017 cache (118,287 images x 4 views) is extrapolated for the chosen default.
+Use a trained teacher: random weights produce near-constant outputs that compress unrealistically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+
+COCO_IMAGES, COCO_VIEWS = 118_287, 4
+V8X_640 = {"anchors": 8400, "head_channels": 64 + 80, "nc": 80, "feat_values": 320 * 80 * 80 + 640 * 40 * 40 + 640 * 20 * 20}
+
+# name -> dump options
+OPTIONS = {
+    "dense-f16": dict(),
+    "dense-f16-zstd": dict(codec="zstd"),
+    "dense-f16-lz4": dict(codec="blosc-lz4"),
+    "dense-bf16": dict(precision="bfloat16"),
+    "dense-int8": dict(precision="int8"),
+    "sparse64-f16": dict(head_topk=64),
+    "sparse64-int8": dict(precision="int8", head_topk=64),
+    "sparse128-int8": dict(precision="int8", head_topk=128),
+    "sparse128-int8-floor": dict(precision="int8", head_topk=128, head_floor=0.001),
+    "feat-p4p5-int8": dict(precision="int8", head_topk=128, levels=["p4", "p5"]),
+}
+LOSS_LIMIT = 0.01
+HEAD_LIMIT = 0.3e6
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", help="trained teacher checkpoint (.pt); default: the demo's (runs/demo)")
+    p.add_argument("--data", help="data.yaml the teacher was trained on; default: the demo's dataset")
+    p.add_argument("--demo-dir", default="runs/demo", help="where `softlabel demo` left its run (default: runs/demo)")
+    p.add_argument("--student", default=None, help="student checkpoint for the fidelity loss (default: yolov8n.yaml, fixed random init)")
+    p.add_argument("--imgsz", type=int, default=None, help="image size (default: the demo's, else 160)")
+    p.add_argument("--images", type=int, default=128, help="training images dumped per option (default: 128)")
+    p.add_argument("--fidelity-samples", type=int, default=64, help="samples the loss is compared on (default: 64)")
+    p.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of: " + ", ".join(OPTIONS))
+    p.add_argument("--batch", type=int, default=16, help="dump batch (default: 16)")
+    p.add_argument("--out", default=str(common.RESULTS / "storage.json"), help="result JSON (default: benchmarks/results/storage.json)")
+    p.add_argument("--quick", action="store_true", help="smoke test: a toy dataset and a random yolov8n teacher at imgsz 64")
+    return p.parse_args()
+
+
+def _demo_inputs(args) -> tuple[Path, Path, int]:
+    import json
+
+    results = Path(args.demo_dir) / "results.json"
+    if args.teacher and args.data:
+        return Path(args.teacher), Path(args.data), args.imgsz or 160
+    if not results.is_file():
+        raise SystemExit(f"no --teacher/--data and no demo run at {results}; run `softlabel demo` first")
+    demo = json.loads(results.read_text())
+    return Path(args.teacher or demo["teacher_weights"]), Path(args.data or demo["data"]), args.imgsz or int(demo["imgsz"])
+
+
+def _subset(data_yaml: Path, images: int, work: Path) -> Path:
+    """The first N training images of a dataset, as its own data.yaml (same root, list file)."""
+    from softlabel.data import build_index, load_data_yaml
+
+    spec = load_data_yaml(data_yaml)
+    index = build_index(spec, "train", check_images=False)
+    chosen = [str(p) for p in index.images[: min(images, len(index))]]
+    (work / "train.txt").write_text("\n".join(chosen) + "\n")
+    val = spec.splits.get("val", spec.splits["train"])
+    val = [v if Path(v).is_absolute() else str(spec.root / v) for v in val]
+    import yaml
+
+    out = work / "subset.yaml"
+    out.write_text(yaml.safe_dump({"path": str(spec.root), "train": str(work / "train.txt"), "val": val, "names": list(spec.names)}))
+    return out
+
+
+def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | None, samples: int) -> dict:
+    from ultralytics.nn.tasks import DetectionModel
+
+    from softlabel.augment import AugmentConfig
+    from softlabel.cache.reader import CacheReader
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.distill.config import load_distill
+    from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
+    from softlabel.replay import Replay
+    from softlabel.teacher import Teacher
+    from softlabel.train import DistillDataset, ViewPlan, student_levels
+
+    reader = CacheReader(store)
+    aug = reader.attrs["augment"]
+    replay = Replay(build_index(load_data_yaml(data_yaml), check_images=False), AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
+    ds = DistillDataset(replay, ViewPlan(1, 0, 1, 1), reader)
+    teacher = Teacher.load(teacher_pt)
+    torch.manual_seed(0)
+    if student_pt:
+        from ultralytics import YOLO
+
+        student = YOLO(student_pt).model.float()
+    else:
+        student = DetectionModel("yolov8n.yaml", nc=teacher.info.nc, verbose=False)
+    student.train()
+    levels, channels, reg_max, _, _ = student_levels(student)
+    distiller = Distiller(load_distill(None), reg_max, levels, channels, teacher.info.levels, teacher.info.feature_channels)
+    rel = {k: [] for k in ("total", "kd_cls", "kd_box", "kd_feat")}
+    n = min(samples, len(ds))
+    with torch.no_grad():
+        for start in range(0, n, 8):
+            batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(start, min(start + 8, n))])
+            preds = student(batch["img"].float() / 255)
+            feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
+            live = teacher(batch["img"].float() / 255)
+            live_feats = dict(zip(teacher.info.levels, live.feat))
+            # levels a store left out are compared on the live teacher: only what was stored can differ
+            feats = {lvl: feats.get(lvl, live_feats[lvl]) for lvl in teacher.info.levels}
+            from_store = distiller(preds, TeacherBatch(batch["teacher_head"], feats, batch.get("teacher_mask")), levels)
+            from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
+            for key in from_live:
+                a, b = float(from_store[key]), float(from_live[key])
+                rel[key].append(abs(a - b) / max(abs(b), 1e-12))
+            a, b = sum(float(v) for v in from_store.values()), sum(float(v) for v in from_live.values())
+            rel["total"].append(abs(a - b) / max(abs(b), 1e-12))
+    return {k: {"max": max(v), "mean": float(np.mean(v))} for k, v in rel.items() if v}
+
+
+def _read_rate(store: str) -> float:
+    from softlabel.cache.reader import CacheReader
+
+    reader = CacheReader(store)
+    n = reader.layout.count
+    reader.read("v0", 0)
+    t = time.perf_counter()
+    for i in range(n):
+        reader.read("v0", i)
+    return n / (time.perf_counter() - t)
+
+
+def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_values_here: int) -> tuple[float, float]:
+    """Bytes per 640 px, 80-class YOLOv8x sample-view, from the bytes per stored value measured here."""
+    per = info["bytes_per_sample_view"]
+    head_ch = 4 * reg_max + nc
+    if opts.get("head_topk"):
+        k = opts["head_topk"]
+        values = per.get("head/values", 0) / (k * head_ch)
+        index = per.get("head/index", 0) / k
+        scale = per.get("head/scale", 0) / head_ch
+        head = k * (V8X_640["head_channels"] * values + index) + V8X_640["head_channels"] * scale + V8X_640["nc"] * 2
+    else:
+        anchors = sum((imgsz // s) ** 2 for s in (8, 16, 32))
+        dense = sum(v for key, v in per.items() if key.startswith("head/")) / (anchors * head_ch)
+        scales = sum(v for key, v in per.items() if key.startswith("head_scale/")) / (3 * head_ch)
+        head = V8X_640["anchors"] * V8X_640["head_channels"] * dense + 3 * V8X_640["head_channels"] * scales
+    feat_here = info["bytes_per_sample_view_total"]["feat"]
+    feat = V8X_640["feat_values"] * feat_here / feat_values_here if feat_values_here else 0.0
+    return head, feat
+
+
+def main() -> None:
+    args = parse_args()
+    from softlabel.cache.info import summarize
+    from softlabel.dump import DumpSettings, run_dump
+    from softlabel.teacher import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="softlabel-storage-"))
+    try:
+        if args.quick:
+            data_yaml = common.make_data(work / "data", 24, 4, 64)
+            teacher_pt = common.make_teacher("yolov8n.yaml", data_yaml, work / "teacher.pt")
+            imgsz, args.images, args.fidelity_samples = 64, 24, 16
+        else:
+            teacher_pt, data_yaml, imgsz = _demo_inputs(args)
+        subset = _subset(data_yaml, args.images, work)
+        _, info_t = load_model(teacher_pt)
+        rows, results = [], {}
+        for name in [o.strip() for o in args.options.split(",") if o.strip()]:
+            opts = dict(OPTIONS[name])
+            out = str(work / f"{name}.zarr")
+            settings = DumpSettings(teacher=str(teacher_pt), data=str(subset), out=out, views=1, close_views=0, imgsz=imgsz,
+                                    batch=args.batch, workers=1, progress=False, **opts)
+            t = time.perf_counter()
+            done = run_dump(settings)
+            dump_rate = done.samples_done / (time.perf_counter() - t)
+            info = summarize(out)
+            feat_levels = opts.get("levels", info_t.levels)
+            feat_values = sum(c * (imgsz // s) ** 2 for lvl, c, s in zip(info_t.levels, info_t.feature_channels, info_t.strides) if lvl in feat_levels)
+            head640, feat640 = _scaled(info, opts, imgsz, info_t.nc, info_t.reg_max, feat_values)
+            if "levels" in opts:  # fewer levels: scale by the share of values kept at 640 px as well
+                share = sum(c * (imgsz // s) ** 2 for lvl, c, s in zip(info_t.levels, info_t.feature_channels, info_t.strides) if lvl in feat_levels)
+                share /= sum(c * (imgsz // s) ** 2 for c, s in zip(info_t.feature_channels, info_t.strides))
+                feat640 *= share
+            fidelity = _fidelity(out, teacher_pt, subset, args.student, args.fidelity_samples)
+            results[name] = {
+                "dump_options": opts,
+                "head_bytes_per_sample_view": head640,
+                "feat_bytes_per_sample_view": feat640,
+                "loss_rel_error": fidelity["total"]["max"],
+                "loss_rel_error_mean": fidelity["total"]["mean"],
+                "loss_rel_error_per_term": fidelity,
+                "measured": {"imgsz": imgsz, "nc": info_t.nc, "bytes_per_sample_view": info["bytes_per_sample_view"],
+                             "totals": info["bytes_per_sample_view_total"]},
+                "dump_sample_views_per_sec": dump_rate,
+                "read_samples_per_sec": _read_rate(out),
+            }
+            r = results[name]
+            rows.append([name, info["bytes_per_sample_view_total"]["head"] / 1e3, info["bytes_per_sample_view_total"]["feat"] / 1e3,
+                         head640 / 1e6, feat640 / 1e6, 100 * r["loss_rel_error"], 100 * r["loss_rel_error_mean"],
+                         dump_rate, r["read_samples_per_sec"]])
+            shutil.rmtree(out, ignore_errors=True)
+        # feature-level selection changes what is distilled, not how faithfully: judged by mAP, not chosen here
+        passing = {k: v for k, v in results.items() if v["loss_rel_error"] <= LOSS_LIMIT and "levels" not in v["dump_options"]}
+        default_name = min(passing, key=lambda k: (results[k]["head_bytes_per_sample_view"] > HEAD_LIMIT,
+                                                   results[k]["head_bytes_per_sample_view"] + results[k]["feat_bytes_per_sample_view"])) if passing else None
+        default = results.get(default_name, {})
+        coco = None
+        if default:
+            coco = COCO_IMAGES * COCO_VIEWS * (default["head_bytes_per_sample_view"] + default["feat_bytes_per_sample_view"])
+        payload = {
+            **common.header("cpu"),
+            "teacher": str(teacher_pt),
+            "data": str(data_yaml),
+            "images": args.images,
+            "imgsz": imgsz,
+            "scaled_to": "640 px, 80 classes, YOLOv8x (8400 anchors; feature channels 320/640/640)",
+            "default_name": default_name,
+            "default": {k: default.get(k) for k in ("head_bytes_per_sample_view", "feat_bytes_per_sample_view", "loss_rel_error")},
+            "options": results,
+            "coco_train2017_4_views_bytes": coco,
+            "targets": {"head_bytes_per_sample_view": HEAD_LIMIT, "loss_rel_error": LOSS_LIMIT},
+        }
+        path = common.write_json(args.out, payload)
+        footer = [f"default (smallest head + features with loss error <= {LOSS_LIMIT:.0%}, all feature levels): {default_name}"]
+        if coco:
+            footer.append(f"COCO train2017 x {COCO_VIEWS} views with it: {coco / 1e12:.2f} TB "
+                          f"(head {default['head_bytes_per_sample_view'] / 1e6:.3f} MB {common.verdict(default['head_bytes_per_sample_view'] <= HEAD_LIMIT)} "
+                          f"<= 0.3 MB, + features {default['feat_bytes_per_sample_view'] / 1e6:.2f} MB per sample-view)")
+        footer.append(f"results: {path}")
+        print(common.table(
+            ["option", "head kB", "feat kB", "head MB@640", "feat MB@640", "loss err max %", "mean %", "dump/s", "read/s"],
+            rows, title=f"storage options ({args.images} images at {imgsz} px, teacher {Path(teacher_pt).name}; MB@640 = scaled to YOLOv8x, 80 classes)",
+            footer=footer,
+        ))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
