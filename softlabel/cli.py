@@ -17,8 +17,17 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"softlabel: error: {e}", err=True)
+            click.echo(f"softlabel: error: {_one_line(str(e))}", err=True)
             sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback:
+    keep only the original message, its last line."""
+    if "Traceback" not in message:
+        return message
+    last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+    return last.split("UserError: ", 1)[-1]
 
 
 def _levels(value: str | None) -> list[str] | None:

@@ -279,3 +279,20 @@ def test_incomplete_cache_is_refused(tmp_path, dataset, cache):
     r = run_cli("train", "--student", "yolov8n", "--cache", partial, "--data", dataset, "--epochs", 1, "--device", "cpu",
                 "--project", tmp_path / "r")
     _clean_error(r, "incomplete", "v1: 1/3 shards missing", "softlabel dump")
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise UserError("sample 1 (img001.png), view v0: the replayed image differs")
+
+
+def test_an_error_in_a_worker_still_prints_one_line():
+    from softlabel.cli import _one_line
+
+    with pytest.raises(UserError) as caught:
+        list(torch.utils.data.DataLoader(_Failing(), num_workers=1))
+    assert "Traceback" in str(caught.value)
+    assert _one_line(str(caught.value)) == "sample 1 (img001.png), view v0: the replayed image differs"
