@@ -91,7 +91,7 @@ def tensor_shapes(store: str) -> dict[str, tuple[int, ...]]:
     from softlabel.cache.store import read_attrs
 
     layout = Layout.from_attrs(read_attrs(store))
-    return {path.partition("/")[2]: shape for path, shape in layout.arrays(layout.views[0]).items()}
+    return {path.partition("/")[2]: spec.shape for path, spec in layout.stored(layout.views[0]).items()}
 
 
 def main() -> None:
