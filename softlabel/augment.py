@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from softlabel.errors import UserError
+from softlabel.yamlfile import read_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_AUGMENT = CONFIG_DIR / "augment" / "default.yaml"
@@ -85,12 +84,5 @@ def _as_bool(value: Any) -> bool:
 def load_augment(path: str | Path | None = None) -> AugmentConfig:
     """Read an augmentation YAML; keys it leaves out take Ultralytics' defaults."""
     path = Path(path) if path else DEFAULT_AUGMENT
-    if not path.is_file():
-        raise UserError(f"{path}: augmentation config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of augmentation settings")
+    raw = read_mapping(path, "augmentation config")
     return AugmentConfig.from_dict(raw, source=str(path))

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from softlabel.errors import UserError
+from softlabel.yamlfile import read_mapping
 
 # The suffixes Ultralytics reads as images.
 IMAGE_SUFFIXES = frozenset(
@@ -51,14 +51,7 @@ def _as_names(raw: object, yaml_path: Path) -> tuple[str, ...]:
 def load_data_yaml(path: str | os.PathLike) -> DataSpec:
     """Parse an Ultralytics data.yaml; relative paths are taken from the yaml's own folder."""
     yaml_path = Path(path)
-    if not yaml_path.is_file():
-        raise UserError(f"{yaml_path}: data.yaml not found")
-    try:
-        raw = yaml.safe_load(yaml_path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{yaml_path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{yaml_path}: expected a mapping with 'train' and 'names'")
+    raw = read_mapping(yaml_path, "data.yaml")
     for key in ("train", "names"):
         if key not in raw or raw[key] in (None, ""):
             raise UserError(f"{yaml_path}: missing key '{key}'")

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
 from softlabel.distill.losses import LOSSES, build_loss
 from softlabel.distill.schedule import DistillSchedule
 from softlabel.errors import UserError
+from softlabel.yamlfile import read_mapping
 
 TERMS = ("cls", "box", "feat")
 DEFAULT_DISTILL = Path(__file__).resolve().parents[2] / "configs" / "distill" / "default.yaml"
@@ -93,10 +93,4 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
 
 def load_distill(path: str | Path | None = None) -> DistillConfig:
     path = Path(path) if path else DEFAULT_DISTILL
-    if not path.is_file():
-        raise UserError(f"{path}: distillation config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_distill(raw, str(path))
+    return parse_distill(read_mapping(path, "distillation config"), str(path))
