@@ -11,7 +11,8 @@ same trained teacher, and measured for:
   the same fixed student; relative error |store - live| / |live| per batch, max and mean.
 
 Sizes are then scaled to a 640 px, 80-class YOLOv8x sample-view (8400 anchors, 144 head channels,
-feature channels 320/640/640) with the bytes per stored value each option achieved here, and a
+feature channels 320/640/640) with the bytes per stored value each option achieved here; a sparse
+head keeps the same share of anchors at 640 px as here (the same scene covers more anchors), and a
 COCO train2017 cache (118,287 images x 4 views) is extrapolated for the chosen default.
 Use a trained teacher: random weights produce near-constant outputs that compress unrealistically.
 """
@@ -41,9 +42,11 @@ OPTIONS = {
     "dense-int8": dict(precision="int8"),
     "sparse64-f16": dict(head_topk=64),
     "sparse64-int8": dict(precision="int8", head_topk=64),
-    "sparse128-int8": dict(precision="int8", head_topk=128),
-    "sparse128-int8-floor": dict(precision="int8", head_topk=128, head_floor=0.001),
-    "feat-p4p5-int8": dict(precision="int8", head_topk=128, levels=["p4", "p5"]),
+    "sparse32-f16": dict(head_topk=32),
+    "sparse32-int8": dict(precision="int8", head_topk=32),
+    "sparse64-int8-floor.01": dict(precision="int8", head_topk=64, head_floor=0.01),
+    "sparse128-int8-floor.01": dict(precision="int8", head_topk=128, head_floor=0.01),
+    "feat-p4p5-int8": dict(precision="int8", head_topk=32, levels=["p4", "p5"]),
 }
 LOSS_LIMIT = 0.01
 HEAD_LIMIT = 0.3e6
@@ -57,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--student", default=None, help="student checkpoint for the fidelity loss (default: yolov8n.yaml, fixed random init)")
     p.add_argument("--imgsz", type=int, default=None, help="image size (default: the demo's, else 160)")
     p.add_argument("--images", type=int, default=128, help="training images dumped per option (default: 128)")
+    p.add_argument("--augment", default=None, help="augmentation YAML for the dumps (default: the demo's, else configs/augment/default.yaml)")
     p.add_argument("--fidelity-samples", type=int, default=64, help="samples the loss is compared on (default: 64)")
     p.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of: " + ", ".join(OPTIONS))
     p.add_argument("--batch", type=int, default=16, help="dump batch (default: 16)")
@@ -74,7 +78,9 @@ def _demo_inputs(args) -> tuple[Path, Path, int]:
     if not results.is_file():
         raise SystemExit(f"no --teacher/--data and no demo run at {results}; run `softlabel demo` first")
     demo = json.loads(results.read_text())
-    return Path(args.teacher or demo["teacher_weights"]), Path(args.data or demo["data"]), args.imgsz or int(demo["imgsz"])
+    teacher = args.teacher or demo["teacher"]["weights"]
+    data = args.data or Path(demo["run_dir"]) / "data" / "data.yaml"
+    return Path(teacher), Path(data), args.imgsz or int(demo["imgsz"])
 
 
 def _subset(data_yaml: Path, images: int, work: Path) -> Path:
@@ -158,14 +164,13 @@ def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_valu
     """Bytes per 640 px, 80-class YOLOv8x sample-view, from the bytes per stored value measured here."""
     per = info["bytes_per_sample_view"]
     head_ch = 4 * reg_max + nc
+    anchors = sum((imgsz // s) ** 2 for s in (8, 16, 32))
     if opts.get("head_topk"):
-        k = opts["head_topk"]
-        values = per.get("head/values", 0) / (k * head_ch)
-        index = per.get("head/index", 0) / k
-        scale = per.get("head/scale", 0) / head_ch
-        head = k * (V8X_640["head_channels"] * values + index) + V8X_640["head_channels"] * scale + V8X_640["nc"] * 2
+        # the same scenes at 640 px cover proportionally more anchors: keep the kept share of anchors
+        grow, wider = V8X_640["anchors"] / anchors, V8X_640["head_channels"] / head_ch
+        slots = grow * (per.get("head/values", 0) * wider + per.get("head/index", 0))
+        head = slots + per.get("head/scale", 0) * wider + per.get("head/background", 0) * V8X_640["nc"] / nc
     else:
-        anchors = sum((imgsz // s) ** 2 for s in (8, 16, 32))
         dense = sum(v for key, v in per.items() if key.startswith("head/")) / (anchors * head_ch)
         scales = sum(v for key, v in per.items() if key.startswith("head_scale/")) / (3 * head_ch)
         head = V8X_640["anchors"] * V8X_640["head_channels"] * dense + 3 * V8X_640["head_channels"] * scales
@@ -189,13 +194,16 @@ def main() -> None:
         else:
             teacher_pt, data_yaml, imgsz = _demo_inputs(args)
         subset = _subset(data_yaml, args.images, work)
+        augment = args.augment
+        if augment is None and not args.quick and (Path(args.demo_dir) / "cache.augment.yaml").is_file():
+            augment = str(Path(args.demo_dir) / "cache.augment.yaml")
         _, info_t = load_model(teacher_pt)
         rows, results = [], {}
         for name in [o.strip() for o in args.options.split(",") if o.strip()]:
             opts = dict(OPTIONS[name])
             out = str(work / f"{name}.zarr")
             settings = DumpSettings(teacher=str(teacher_pt), data=str(subset), out=out, views=1, close_views=0, imgsz=imgsz,
-                                    batch=args.batch, workers=1, progress=False, **opts)
+                                    batch=args.batch, workers=1, progress=False, augment=augment, **opts)
             t = time.perf_counter()
             done = run_dump(settings)
             dump_rate = done.samples_done / (time.perf_counter() - t)
