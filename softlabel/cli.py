@@ -167,9 +167,9 @@ def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device,
 @click.option("--out", default=None, help="Run folder: dataset, teacher, cache, students, results.json, demo.png [default: runs/demo].")
 @click.option("--teacher", default=None, help="Teacher checkpoint (.pt, 10 digit classes) to use instead of training one.")
 @click.option("--quick", is_flag=True, help="A 1-2 minute smoke run: tiny data, images and epochs; the numbers mean nothing.")
-@click.option("--epochs", default=None, type=int, help="Epochs for each student [default: 30; --quick: 3].")
-@click.option("--teacher-epochs", default=None, type=int, help="Epochs for the teacher [default: 60; --quick: 3].")
-@click.option("--imgsz", default=None, type=int, help="Image size of every model, multiple of 32 [default: 160; --quick: 64].")
+@click.option("--epochs", default=None, type=int, help="Epochs for each student [default: 12; --quick: 3].")
+@click.option("--teacher-epochs", default=None, type=int, help="Epochs for the teacher [default: 25; --quick: 3].")
+@click.option("--imgsz", default=None, type=int, help="Image size of every model, multiple of 32 [default: 128; --quick: 64].")
 @click.option("--student", default=None, help="Student model: a name (yolov8n, yolo11n, ...) or a model .yaml [default: yolov8n].")
 @click.option("--teacher-model", default=None, help="Teacher model to train: a name or a model .yaml [default: yolov8s].")
 @click.option("--device", default=None, help="Training device: cpu, 0, cuda:N; latency is always measured on the CPU [default: cpu].")
@@ -191,6 +191,46 @@ def demo(out, teacher, quick, epochs, teacher_epochs, imgsz, student, teacher_mo
     click.echo(render_table(result))
     click.echo(f"wall time {result['wall_seconds'] / 60:.1f} min; plot {result['plot']}; table {result['run_dir']}/results.json")
     click.echo(f"run directory: {result['run_dir']}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Ultralytics detection checkpoint (.pt) to prune (YOLOv8, YOLO11).")
+@click.option("--out", required=True, help="Pruned checkpoint to write (.pt); YOLO(out) loads it, softlabel train fine-tunes it.")
+@click.option("--ratio", default=0.3, show_default=True, type=float,
+              help="Fraction of the channels removed from every prunable layer (per layer, not ranked globally), between 0 and 1.")
+@click.option("--imgsz", default=None, type=int, help="Example input size for tracing and GFLOPs [default: the checkpoint's training imgsz, or 640].")
+@click.option("--importance", default="l2", show_default=True, help="How channels are ranked: l2 or l1 (norm of their weights), bn (BatchNorm scale).")
+@click.option("--prune-head/--ignore-head", default=True, show_default=True,
+              help="Prune the Detect head's inner channels too; its outputs (4*reg_max box bins, nc classes) never change.")
+@click.option("--round-to", default=None, type=int, help="Keep channel counts multiples of N, e.g. 8 for CPU vector units [default: the exact ratio].")
+def prune(model, out, ratio, imgsz, importance, prune_head, round_to):
+    """Remove channels from a detector (structured pruning with torch-pruning) and print params and GFLOPs before/after.
+
+    Residual and concatenated branches stay consistent and the Detect head keeps its output shapes.
+    The pruned checkpoint keeps its narrower layers when fine-tuned with 'softlabel train --student'.
+    """
+    from softlabel.prune import prune_checkpoint, render
+
+    click.echo(render(prune_checkpoint(model, out, ratio, imgsz=imgsz, importance=importance.strip().lower(),
+                                       prune_head=prune_head, round_to=round_to)))
+
+
+@main.command()
+@click.option("--model", required=True, help="Ultralytics detection checkpoint (.pt), pruned or not.")
+@click.option("--format", "fmt", default="onnx", show_default=True, help="onnx (run with ONNX Runtime) or openvino.")
+@click.option("--int8", is_flag=True, help="Also export an INT8 model, calibrated on the training images of --data.")
+@click.option("--data", default=None, help="data.yaml: INT8 calibration (train split), latency and mAP (val split). Needed with --int8.")
+@click.option("--imgsz", default=None, type=int, help="Export input size [default: the checkpoint's training imgsz, or 640].")
+@click.option("--out", default=None, help="Folder for the exports [default: MODEL_STEM_FORMAT beside the model].")
+@click.option("--calib-images", default=300, show_default=True, help="Training images for INT8 calibration, spread over the split.")
+@click.option("--runs", default=50, show_default=True, help="Timed single-image predictions per model; the median is reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export(model, fmt, int8, data, imgsz, out, calib_images, runs, as_json):
+    """Export to ONNX or OpenVINO (FP32, and INT8 with --int8); report file size, CPU latency and mAP of each."""
+    from softlabel.export import render, run_export
+
+    report = run_export(model, fmt, int8=int8, data=data, imgsz=imgsz, out=out, calib_images=calib_images, runs=runs)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
 
 
 if __name__ == "__main__":

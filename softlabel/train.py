@@ -28,6 +28,7 @@ from softlabel.data import build_index, load_data_yaml
 from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
+from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay, View
 from softlabel.teacher import Teacher, level_name
 
@@ -169,6 +170,11 @@ class DistillTrainer(DetectionTrainer):
     augment_config: str | None = None  # online mode
     views: int = 1  # online mode
     close_views: int = 1  # online mode
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        # a pruned student keeps its own narrower layers: Ultralytics would rebuild it from its yaml at full width
+        pruned = pruned_model_or_none(weights, self.data["nc"])
+        return pruned if pruned is not None else super().get_model(cfg, weights, verbose)
 
     # -- data ------------------------------------------------------------------------------
 
@@ -409,10 +415,11 @@ def train_students(students: list[str], trainer_settings: dict[str, Any], **trai
 
 
 def render_table(rows: list[StudentResult]) -> str:
-    head = f"{'student':<16}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
+    width = max([16, *(len(r.student) + 2 for r in rows)])
+    head = f"{'student':<{width}}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.student:<16}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
+            f"{r.student:<{width}}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
         )
     return "\n".join(lines)
