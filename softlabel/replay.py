@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -91,7 +92,7 @@ def _boxes_xyxy(labels: np.ndarray, w: int, h: int) -> np.ndarray:
 class Replay:
     """The augmentation pipeline of one dataset at one image size and seed."""
 
-    def __init__(self, index: DatasetIndex, augment: AugmentConfig, imgsz: int, seed: int):
+    def __init__(self, index: DatasetIndex, augment: AugmentConfig, imgsz: int, seed: int, cache_bytes: int = 512 << 20):
         if imgsz % 32:
             raise UserError(f"imgsz must be a multiple of 32 (the largest stride), got {imgsz}")
         self.index = index
@@ -99,6 +100,15 @@ class Replay:
         self.imgsz = imgsz
         self.seed = seed
         self._albu = None
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+
+    def __getstate__(self):
+        # a worker starts with an empty cache of its own rather than a pickled copy of ours
+        state = self.__dict__.copy()
+        state["_cache"], state["_cached_bytes"], state["_albu"] = OrderedDict(), 0, None
+        return state
 
     def __len__(self) -> int:
         return len(self.index)
@@ -123,8 +133,22 @@ class Replay:
 
     # geometry -------------------------------------------------------------------------------
 
+    def _image(self, i: int) -> np.ndarray:
+        """The resized image, from a per-process cache: a mosaic reads four images, mostly ones
+        read recently. Cached arrays are never written to, so the cache cannot change a sample."""
+        image = self._cache.get(i)
+        if image is None:
+            image = load_resized(self.index.images[i], self.imgsz)
+            self._cache[i] = image
+            self._cached_bytes += image.nbytes
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        else:
+            self._cache.move_to_end(i)
+        return image
+
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = load_resized(self.index.images[i], self.imgsz)
+        image = self._image(i)
         labels = self.index.labels[i]
         h, w = image.shape[:2]
         return image, labels[:, 0].copy(), _boxes_xyxy(labels, w, h)
