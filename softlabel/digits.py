@@ -110,6 +110,7 @@ def _tight_box(mask: np.ndarray, threshold: float = 0.3) -> tuple[int, int, int,
 def _paste(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray, x: int, y: int) -> None:
     h, w = alpha.shape
     region = img[y : y + h, x : x + w]
+    # ink opacity 0.8..1: shapes with little ink for their size (thin strokes) come out fainter
     a = alpha[..., None] * np.float32(0.8 + 0.2 * alpha.mean() / max(alpha.max(), 1e-6))
     region[:] = region * (1 - a) + colour * a
 

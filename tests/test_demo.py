@@ -1,0 +1,80 @@
+"""`softlabel demo`: the digits scenes, a whole quick run, and reuse of what the first run built."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from softlabel.cli import main
+from softlabel.demo import QUICK_NOTICE
+from softlabel.digits import DigitsSettings, build_digits, ensure_digits, load_glyphs, split_glyphs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _labels(root: Path) -> list[np.ndarray]:
+    return [np.loadtxt(p, ndmin=2) for p in sorted((root / "labels" / "train").glob("*.txt"))]
+
+
+def test_digit_scenes_are_deterministic_labelled_and_split_by_digit_image(tmp_path):
+    settings = DigitsSettings(n_train=12, n_val=4, canvas=96, min_digit=12, max_digit=36, seed=3)
+    a = build_digits(tmp_path / "a", settings).parent
+    b = build_digits(tmp_path / "b", settings).parent
+    for rel in ("images/train/train00005.png", "images/val/val00002.png"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    labels = _labels(a)
+    assert sum(len(lab) for lab in labels) >= 12  # several digits per scene
+    rows = np.concatenate(labels)
+    assert set(rows[:, 0].astype(int)) <= set(range(10))
+    assert (rows[:, 1:] > 0).all() and (rows[:, 1:] <= 1).all()
+    x0, x1 = rows[:, 1] - rows[:, 3] / 2, rows[:, 1] + rows[:, 3] / 2
+    assert (x0 >= -1e-6).all() and (x1 <= 1 + 1e-6).all()
+    train, val = split_glyphs(len(load_glyphs()[0]), 0.25, 3)
+    assert not set(train) & set(val) and len(train) + len(val) == 1797
+
+    _, reused = ensure_digits(tmp_path / "a", settings)
+    assert reused
+    _, reused = ensure_digits(tmp_path / "a", DigitsSettings(n_train=13, n_val=4, canvas=96, min_digit=12, max_digit=36, seed=3))
+    assert not reused and len(list((tmp_path / "a" / "images" / "train").iterdir())) == 13
+
+
+def test_bad_demo_input_is_one_line_and_exit_2(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--quick", "--imgsz", "100", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "multiple of 32" in r.output
+    r = CliRunner().invoke(main, ["demo", "--quick", "--teacher", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_then_reuses_dataset_teacher_and_cache(tmp_path):
+    out = tmp_path / "demo"
+    first = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert QUICK_NOTICE in first.output and "mAP50-95" in first.output
+    assert f"run directory: {out}" in first.output
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["students"]) == {"distilled", "plain"}
+    assert [r["role"] for r in result["rows"]] == ["teacher", "distilled", "plain"]
+    for row in result["rows"]:
+        assert row["params"] > 0 and row["latency_ms"] > 0 and 0 <= row["map50_95"] <= row["map50"] <= 1
+    plot = Path(result["plot"])
+    assert plot.is_file() and plot.read_bytes()[:8] == PNG_MAGIC
+    teacher = Path(result["teacher"]["weights"])
+    teacher_mtime = teacher.stat().st_mtime_ns
+    data_mtime = (out / "data" / "images" / "train" / "train00000.png").stat().st_mtime_ns
+
+    second = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    for what in ("dataset: reused", "teacher: reused", "cache: reused"):
+        assert what in second.output
+    assert teacher.stat().st_mtime_ns == teacher_mtime
+    assert (out / "data" / "images" / "train" / "train00000.png").stat().st_mtime_ns == data_mtime
+    again = json.loads((out / "results.json").read_text())
+    assert again["made"] == {"dataset": "reused", "teacher": "reused", "cache": "reused"}
+    assert result["made"] == {"dataset": "built", "teacher": "trained", "cache": "written"}
+    assert again["wall_seconds"] < result["wall_seconds"]
+    assert again["teacher"]["map50_95"] == pytest.approx(result["teacher"]["map50_95"])
