@@ -29,7 +29,9 @@ import common
 
 MODES = ["plain", "offline", "online", "ultralytics"]
 
-# Sizes per preset. gpu: what a comparison should be; cpu: about 30 minutes on 2 cores; quick: a smoke test.
+# Sizes per preset. gpu: what a comparison should be (not yet run). cpu: about 30 minutes on 2 idle cores when
+# --teacher reuses the one `softlabel demo` trained on the same scenes (41 minutes were measured on a shared
+# 2-core machine; training the teacher here adds about 15 minutes). quick: a smoke test.
 PRESETS = {
     "gpu": dict(device="0", imgsz=320, train_scenes=2000, val_scenes=500, batch=32, epochs=60, teacher_epochs=150,
                 views=8, close_mosaic=10, seeds=[0, 1, 2], lr0=0.002),
@@ -122,7 +124,7 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
 
 def main() -> None:
     args = parse_args()
-    from softlabel.demo import Recipe, ensure_cache, ensure_teacher, validate
+    from softlabel.demo import Recipe, checkpoint_arch, ensure_cache, ensure_teacher, validate
 
     start = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,7 @@ def main() -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "recipe": asdict(recipe),
         "dataset": str(data_yaml),
-        "teacher": {"model": Path(teacher).stem if args.teacher else args.teacher_model, "weights": str(teacher),
+        "teacher": {"model": checkpoint_arch(teacher) if args.teacher else args.teacher_model, "weights": str(teacher),
                     "epochs": None if args.teacher else args.teacher_epochs, "train_seconds": teacher_seconds,
                     "map50_95": t_map50_95, "map50": t_map50},
         "dump_seconds": dump_seconds,

@@ -134,6 +134,13 @@ def write_manifest(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def checkpoint_arch(weights: str | Path) -> str:
+    """The architecture a checkpoint was built from (yolov8s, ...): a given best.pt names nothing by its file name."""
+    from softlabel.teacher import load_model
+
+    return load_model(weights)[1].arch
+
+
 def weights_of(run: str | Path) -> Path:
     """An Ultralytics run's best checkpoint (last.pt if it never validated)."""
     best = Path(run) / "weights" / "best.pt"
@@ -377,7 +384,7 @@ def run_demo(s: DemoSettings, echo: Echo = print) -> dict:
     echo("evaluating: validation mAP and CPU latency of each model ...")
     t = time.time()
     image = sorted((data_yaml.parent / "images" / "val").iterdir())[0]
-    teacher_name = Path(s.teacher).stem if s.teacher else Path(s.teacher_model).stem
+    teacher_name = checkpoint_arch(teacher) if s.teacher else Path(s.teacher_model).stem
     student_name = Path(s.student).stem
     rows = [
         evaluate("teacher", teacher_name, teacher, data_yaml, recipe, out),
