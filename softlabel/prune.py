@@ -62,18 +62,11 @@ class PruneResult:
 
 def load_detector(path: str | Path) -> tuple[nn.Module, dict]:
     """An Ultralytics detection checkpoint as an FP32 module in eval mode, and the checkpoint dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: model checkpoint not found")
-    from ultralytics.nn.tasks import load_checkpoint
+    from softlabel.teacher import read_checkpoint
 
-    try:
-        with contextlib.redirect_stdout(None):
-            model, ckpt = load_checkpoint(str(path), device="cpu")
-    except Exception as e:  # a pickle, a zip, a text file: every loader fails its own way
-        raise UserError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    model, ckpt = read_checkpoint(path, "model")
     check_prunable(model, str(path))
-    return model, ckpt if isinstance(ckpt, dict) else {}
+    return model, ckpt
 
 
 def check_prunable(model: nn.Module, where: str = "") -> None:

@@ -100,20 +100,27 @@ def describe(model: nn.Module, path: str = "", sha256: str = "") -> TeacherInfo:
     )
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, TeacherInfo]:
-    """Read a checkpoint from disk and refuse anything that is not a supported detector."""
+def read_checkpoint(path: str | Path, role: str = "teacher") -> tuple[nn.Module, dict]:
+    """An Ultralytics checkpoint as an FP32 module in eval mode and its dict; one clear error otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: teacher checkpoint not found")
+        raise UserError(f"{path}: {role} checkpoint not found")
     from ultralytics.nn.tasks import load_checkpoint
 
     try:
         with contextlib.redirect_stdout(None):
-            model, _ = load_checkpoint(str(path), device="cpu")
+            model, ckpt = load_checkpoint(str(path), device="cpu")
     except Exception as e:  # a pickle, a zip, a text file: every loader fails its own way
         raise UserError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{path}: not an Ultralytics checkpoint")
+    return model, ckpt if isinstance(ckpt, dict) else {}
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, TeacherInfo]:
+    """Read a checkpoint from disk and refuse anything that is not a supported detector."""
+    path = Path(path)
+    model, _ = read_checkpoint(path, "teacher")
     info = describe(model, str(path), file_sha256(path))
     return model, info
 
