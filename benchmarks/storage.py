@@ -20,7 +20,6 @@ Use a trained teacher: random weights produce near-constant outputs that compres
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 import time

@@ -190,10 +190,8 @@ def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str
     if store.exists(out):
         found = store.open_group(out)
         existing = dict(found.attrs)
-        if not existing and not list(found.keys()):
-            store.remove(out)  # an empty group: killed before the first attribute landed
-            return store.create(out, attrs, layout, sample_paths), layout
-        if overwrite or existing.get("creating"):
+        half_made = existing.get("creating") or (not existing and not list(found.keys()))  # a crash during creation
+        if overwrite or half_made:
             store.remove(out)
         else:
             stored = store.read_attrs(out)

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from softlabel.augment import AugmentConfig
-from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
 from softlabel.cache.schema import fingerprint_path
 from softlabel.data import build_index, load_data_yaml

@@ -13,6 +13,15 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 
+def run_cli(*args):
+    """Run the softlabel CLI in-process, every argument as a string."""
+    from click.testing import CliRunner
+
+    from softlabel.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 def save_teacher(path: Path, cfg: str = "yolov8n.yaml", nc: int = 3) -> Path:
     """Build a model from its yaml (no download) and save it as an Ultralytics checkpoint."""
     from softlabel.teacher import save_checkpoint_from_yaml

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 import torch
-from click.testing import CliRunner
 
-from softlabel.cli import main
 from softlabel.errors import UserError
 from softlabel.prune import PRUNED_ATTR, is_pruned, level_channels, load_detector, prune_detector, pruned_model_or_none
 from softlabel.teacher import save_checkpoint_from_yaml
@@ -19,9 +18,6 @@ from softlabel.train import DistillTrainer
 
 IMGSZ = 64
 
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _clean_error(result, *needles):

@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 
-from conftest import make_dataset
+from conftest import make_dataset, run_cli
 from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
-from softlabel.cli import main
 from softlabel.data import build_index, load_data_yaml
 from softlabel.augment import load_augment
 from softlabel.replay import Replay, View
@@ -27,9 +25,6 @@ from softlabel.teacher import Teacher, to_model_input
 
 ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet"]
 
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def dump_args(teacher, data, out, *extra):

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 import zarr
-from click.testing import CliRunner
 
 from softlabel.cache.reader import CacheReader
-from softlabel.cli import main
 from test_dump import _done_shards as _done
 from test_dump import arrays_of, dump_args
 
 SMALL = ["--shard-size", "2", "--batch", "3"]  # batches straddle shards: ranks and resumes must still agree
 
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import run_cli
 import zarr
-from click.testing import CliRunner
 
 from softlabel.cache.encoding import _logit, densify, dequantise, quantise, sparsify
 from softlabel.cache.reader import CacheReader
-from softlabel.cli import main
 from test_dump import dump_args
 
 RNG = np.random.default_rng(0)
 
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_bfloat16_round_trip_is_within_half_a_step():

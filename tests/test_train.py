@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 import torch
 import zarr
-from click.testing import CliRunner
 
 from softlabel.augment import AugmentConfig
 from softlabel.cache.reader import CacheReader
-from softlabel.cli import main
 from softlabel.data import build_index, load_data_yaml
 from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
@@ -25,9 +24,6 @@ from softlabel.train import DistillDataset, EpochSampler, ViewPlan, check_epoch,
 
 IMGSZ = 64
 
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

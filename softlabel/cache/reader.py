@@ -30,6 +30,7 @@ class CacheReader:
         self._group = None
         self._arrays: dict[str, Any] = {}
         self._fast_readers: dict[str, ShardedSampleReader | None] = {}
+        self._stored_names: dict[str, list[tuple[str, str]]] = {}
 
     # zarr handles are opened lazily per process: a forked or spawned worker opens its own
     def __getstate__(self):
@@ -75,8 +76,9 @@ class CacheReader:
     def read(self, view: str, index: int) -> CachedSample:
         if view not in self.layout.views:
             raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
-        prefix = f"{view}/"
-        stored = {name[len(prefix) :]: self._sample(name, index) for name in self.layout.stored(view)}
+        if view not in self._stored_names:  # the hot path: work the names out once per view
+            self._stored_names[view] = [(name, name[len(view) + 1 :]) for name in self.layout.stored(view)]
+        stored = {short: self._sample(name, index) for name, short in self._stored_names[view]}
         decoded = decode_sample(stored, self.layout)
         fingerprint = self._sample(fingerprint_path(view), index).tobytes()
         return CachedSample(head=decoded.head, feat=decoded.feat, fingerprint=fingerprint, mask=decoded.mask)
