@@ -62,6 +62,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr0", type=float, default=None, help="initial learning rate, AdamW (preset: 0.002)")
     p.add_argument("--fliplr", type=float, default=None, help="horizontal flip probability (default: 0 on digits, 0.5 on --data)")
     p.add_argument("--device", default=None, help="cpu, 0, cuda:N (preset: 0 for gpu, cpu otherwise)")
+    p.add_argument("--precision", default=None, choices=["float16", "bfloat16", "int8"],
+                   help="cache precision, as softlabel dump --precision (default: the dump's default)")
+    p.add_argument("--head-topk", type=int, default=None, help="sparse head: anchors kept per image, as softlabel dump --head-topk")
+    p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
     p.add_argument("--out", default=str(common.RESULTS / "accuracy.json"), help="result JSON (default: benchmarks/results/accuracy.json)")
     args = p.parse_args()
     if args.quick:
@@ -138,8 +142,10 @@ def main() -> None:
     print(f"teacher {Path(teacher)}: mAP50-95 {t_map50_95:.4f}, mAP50 {t_map50:.4f}", flush=True)
 
     close_views = 1 if min(args.close_mosaic, args.epochs - 1) > 0 else 0
-    store = args.work / "cache.zarr"
-    dump_seconds, _ = ensure_cache(store, teacher, data_yaml, data_id, recipe, args.views, close_views, 0)
+    storage = {k: v for k, v in (("precision", args.precision), ("head_topk", args.head_topk), ("head_floor", args.head_floor)) if v is not None}
+    # one store per storage choice, so comparing them keeps every cache
+    store = args.work / ("cache" + "".join(f"-{k}{v}" for k, v in storage.items()) + ".zarr")
+    dump_seconds, _ = ensure_cache(store, teacher, data_yaml, data_id, recipe, args.views, close_views, 0, **storage)
     ctx = {"data": data_yaml, "teacher": teacher, "store": store, "recipe": recipe, "close_views": close_views,
            "augment": store.parent / f"{store.stem}.augment.yaml"}
 
@@ -174,6 +180,7 @@ def main() -> None:
         "teacher": {"model": checkpoint_arch(teacher) if args.teacher else args.teacher_model, "weights": str(teacher),
                     "epochs": None if args.teacher else args.teacher_epochs, "train_seconds": teacher_seconds,
                     "map50_95": t_map50_95, "map50": t_map50},
+        "storage": storage or "default",
         "dump_seconds": dump_seconds,
         "modes": modes,
         "reuse": reuse,

@@ -174,15 +174,18 @@ def ensure_teacher(run: Path, model: str, epochs: int, recipe: Recipe, seed: int
 
 
 def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, recipe: Recipe, views: int, close_views: int,
-                 seed: int, echo: Echo = print) -> tuple[float, bool]:
+                 seed: int, echo: Echo = print, **storage: Any) -> tuple[float, bool]:
     """Dump the teacher into `store` unless a dump of the same teacher, data and settings is there
-    (an interrupted one resumes). Returns the seconds spent and whether the store was already complete."""
+    (an interrupted one resumes). `storage` holds DumpSettings' storage options (precision, head_topk,
+    head_floor), default when empty. Returns the seconds spent and whether the store was already complete."""
     from softlabel.dump import DumpSettings, run_dump
     from softlabel.teacher import file_sha256
 
     augment = recipe.write_augment(store.parent / f"{store.stem}.augment.yaml")
     wanted = {"format": MANIFEST_FORMAT, "teacher_sha256": file_sha256(teacher), "data": data_id, "imgsz": recipe.imgsz,
               "views": views, "close_views": close_views, "seed": seed, "augment": augment.read_text()}
+    if storage:  # only when given, so the manifests of default stores made before these options still match
+        wanted["storage"] = storage
     manifest = store.parent / f"{store.stem}.json"
     same = manifest_matches(manifest, wanted) and store.exists()
     write_manifest(manifest, wanted)
@@ -192,6 +195,7 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
     result = run_dump(DumpSettings(
         teacher=str(teacher), data=str(data_yaml), out=str(store), views=views, close_views=close_views, imgsz=recipe.imgsz,
         batch=recipe.batch, device=recipe.device, seed=seed, augment=str(augment), overwrite=not same, progress=False,
+        **storage,
     ))
     seconds = time.time() - start
     if result.samples_done == 0:

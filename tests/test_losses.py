@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,52 @@ def test_schedule_factor_is_pure():
     sch = DistillSchedule(weight="cosine")
     assert sch.factor(3, 10, False) == sch.factor(3, 10, False)
     assert math.isclose(sch.factor(0, 10, False), 1.0)
+
+
+def test_mlp_adapter_is_two_layers_and_trains():
+    ad = FeatureAdapters([4, 6], [8, 12], kind="mlp")
+    assert sum(p.numel() for p in ad.parameters()) == (4 * 8 + 8 + 8 * 8 + 8) + (6 * 12 + 12 + 12 * 12 + 12)
+    feats = [torch.randn(B, 4, 4, 4, requires_grad=True), torch.randn(B, 6, 2, 2, requires_grad=True)]
+    teach = [torch.randn(B, 8, 4, 4), torch.randn(B, 12, 2, 2)]
+    sum(build_loss("mimic")(o, t) for o, t in zip(ad(feats, teach), teach)).backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+    narrow = FeatureAdapters([4, 6], [8, 12], kind="mlp_narrow")
+    assert sum(p.numel() for p in narrow.parameters()) == (4 * 4 + 4 + 4 * 8 + 8) + (6 * 6 + 6 + 6 * 12 + 12)
+    assert [tuple(o.shape) for o in narrow(feats, teach)] == [tuple(t.shape) for t in teach]
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        FeatureAdapters([4], [8], kind="linear")
+
+
+def test_confidence_weighted_mimic_needs_a_weight_and_ignores_zero_weight_positions():
+    s, t = _pair("feat")
+    loss = build_loss("mimic", confidence_weighted=True)
+    with pytest.raises(ValueError, match="confidence"):
+        loss(s, t)
+    w = torch.zeros(B, H * W)
+    w[:, :3] = torch.rand(B, 3) + 0.1
+    changed = s.clone()
+    changed.flatten(2)[:, :, 3:] += 5.0  # only where the weight is zero
+    assert loss(changed, t, w).item() == pytest.approx(loss(s, t, w).item(), rel=1e-6)
+    assert loss(t.clone(), t, w).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mimic_normalisation_choices():
+    s, t = _pair("feat")
+    t = t * torch.linspace(0.1, 3.0, C).view(1, C, 1, 1)  # channels of very different spread
+    raw = build_loss("mimic", normalize="none")(s, t).item()
+    assert raw == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-5)
+    assert build_loss("mimic", normalize="global")(s, t).item() == pytest.approx(raw / t.std(unbiased=False).item() ** 2, rel=1e-4)
+    # the per-channel form is scale free: scaling both maps leaves it unchanged, the plain MSE does not
+    assert build_loss("mimic")(s * 7, t * 7).item() == pytest.approx(build_loss("mimic")(s, t).item(), rel=1e-4)
+    assert build_loss("mimic", normalize="global")(s * 7, t * 7).item() == pytest.approx(
+        build_loss("mimic", normalize="global")(s, t).item(), rel=1e-4)
+    with pytest.raises(ValueError, match="normalize"):
+        build_loss("mimic", normalize="batch")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "distill").glob("*.yaml")), ids=lambda p: p.name)
+def test_bundled_distill_configs_load(path):
+    from softlabel.distill.config import load_distill
+
+    config = load_distill(path)
+    assert {"cls", "box"} <= set(config.terms)

@@ -292,3 +292,37 @@ def test_an_error_in_a_worker_still_prints_one_line():
         list(torch.utils.data.DataLoader(_Failing(), num_workers=1))
     assert "Traceback" in str(caught.value)
     assert _one_line(str(caught.value)) == "sample 1 (img001.png), view v0: the replayed image differs"
+
+
+def test_confidence_weighted_features_follow_the_teacher_scores(tmp_path):
+    """The feature weight of each position is the teacher's best class score at that position's anchor."""
+    from softlabel.distill.config import parse_distill
+
+    cfg = parse_distill({"feat": {"loss": "mimic", "weight": 1.0, "confidence_weighted": True, "adapter": "mlp"}}, "t.yaml")
+    assert cfg.terms["feat"].adapter == "mlp" and cfg.to_dict()["feat"]["adapter"] == "mlp"
+    levels, s_ch, t_ch, sizes, nc, reg_max = ["p3", "p4"], [4, 8], [6, 10], [(4, 4), (2, 2)], 3, 16
+    d = Distiller(cfg, reg_max, levels, s_ch, levels, t_ch)
+    g = torch.Generator().manual_seed(0)
+    s_feats = [torch.randn(2, c, h, w, generator=g) for c, (h, w) in zip(s_ch, sizes)]
+    t_feats = {lvl: torch.randn(2, c, h, w, generator=g) for lvl, c, (h, w) in zip(levels, t_ch, sizes)}
+    anchors = sum(h * w for h, w in sizes)
+    head = torch.full((2, 4 * reg_max + nc, anchors), -20.0)  # the teacher sees nothing anywhere ...
+    head[:, 4 * reg_max, 0] = 5.0  # ... except at the first P3 anchor
+    student = {"scores": torch.zeros(2, nc, anchors), "boxes": torch.zeros(2, 4 * reg_max, anchors), "feats": s_feats}
+    teacher = TeacherBatch(head, t_feats)
+    base = float(d(student, teacher, levels)["kd_feat"].detach())
+    moved = [f.clone() for f in s_feats]
+    moved[0].flatten(2)[:, :, 1:] += 3.0  # change the student only where the teacher sees nothing
+    kd = float(d({**student, "feats": moved}, teacher, levels)["kd_feat"].detach())
+    assert kd == pytest.approx(base, rel=1e-4)
+    moved[0].flatten(2)[:, :, 0] += 3.0  # and where it sees the object
+    assert abs(float(d({**student, "feats": moved}, teacher, levels)["kd_feat"].detach()) - base) > 1e-3 * base
+
+
+def test_adapter_option_is_checked(tmp_path):
+    from softlabel.distill.config import parse_distill
+
+    with pytest.raises(UserError, match="unknown adapter 'linear'.*conv, mlp"):
+        parse_distill({"feat": {"loss": "mimic", "adapter": "linear"}}, "t.yaml")
+    with pytest.raises(UserError, match="'adapter' applies to 'feat' only"):
+        parse_distill({"cls": {"loss": "bce", "adapter": "mlp"}}, "t.yaml")

@@ -1,4 +1,4 @@
-"""Per-level 1x1 projections from student feature channels to teacher feature channels."""
+"""Per-level projections from student feature channels to teacher feature channels."""
 
 from __future__ import annotations
 
@@ -6,14 +6,34 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["FeatureAdapters"]
+__all__ = ["FeatureAdapters", "ADAPTERS"]
+
+ADAPTERS = ("conv", "mlp", "mlp_narrow")
+
+
+def _projector(kind: str, cs: int, ct: int) -> nn.Module:
+    if kind == "conv":
+        return nn.Conv2d(cs, ct, 1)
+    # Two 1x1 layers with a ReLU between (the projector of Ultralytics' own distillation): a nonlinear
+    # map can match the teacher without bending the student's own features as hard. "mlp" is as wide
+    # as the teacher, (cs + ct) / cs times the cost of "conv"; "mlp_narrow" as wide as the student,
+    # (cs + ct) / ct times, which matters when a small student learns from a wide teacher.
+    hidden = ct if kind == "mlp" else cs
+    return nn.Sequential(nn.Conv2d(cs, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, ct, 1))
 
 
 class FeatureAdapters(nn.Module):
-    """1x1 convolution adapters (FitNets-style regressors) mapping student to teacher channels per level."""
+    """1x1 adapters (FitNets-style regressors) mapping student to teacher channels per level.
 
-    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> None:
+    ``kind`` is ``"conv"`` (one 1x1 convolution), ``"mlp"`` (1x1, ReLU, 1x1 with a hidden width of the
+    teacher's channels) or ``"mlp_narrow"`` (the same with the student's channels).
+    """
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int], kind: str = "conv") -> None:
         super().__init__()
+        if kind not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {kind!r}")
+        self.kind = kind
         student_channels, teacher_channels = list(student_channels), list(teacher_channels)
         if len(student_channels) != len(teacher_channels):
             raise ValueError(
@@ -26,7 +46,7 @@ class FeatureAdapters(nn.Module):
         self.teacher_channels = teacher_channels
         # Plain conv with bias: the losses compare against raw teacher maps, so the adapter needs an
         # offset, and BN statistics would drift between the small distillation batches and eval.
-        self.convs = nn.ModuleList(nn.Conv2d(cs, ct, 1) for cs, ct in zip(student_channels, teacher_channels))
+        self.convs = nn.ModuleList(_projector(kind, cs, ct) for cs, ct in zip(student_channels, teacher_channels))
 
     def forward(self, feats: Sequence[Tensor], teacher_feats: Sequence[Tensor] | None = None) -> list[Tensor]:
         """Project student ``feats``; when ``teacher_feats`` is given, check the shapes line up with it."""
@@ -36,10 +56,9 @@ class FeatureAdapters(nn.Module):
             raise ValueError(f"student gave {len(feats)} feature levels, teacher {len(teacher_feats)}")
         out = []
         for level, (conv, f) in enumerate(zip(self.convs, feats)):
-            if f.ndim != 4 or f.shape[1] != conv.in_channels:
-                raise ValueError(
-                    f"level {level}: expected student map [B, {conv.in_channels}, H, W], got {tuple(f.shape)}"
-                )
+            cin, cout = self.student_channels[level], self.teacher_channels[level]
+            if f.ndim != 4 or f.shape[1] != cin:
+                raise ValueError(f"level {level}: expected student map [B, {cin}, H, W], got {tuple(f.shape)}")
             if teacher_feats is not None:
                 t = teacher_feats[level]
                 if t.ndim != 4 or t.shape[0] != f.shape[0] or t.shape[2:] != f.shape[2:]:
@@ -47,9 +66,9 @@ class FeatureAdapters(nn.Module):
                         f"level {level}: student map {tuple(f.shape)} and teacher map {tuple(t.shape)} "
                         "differ in batch or spatial size"
                     )
-                if t.shape[1] != conv.out_channels:
+                if t.shape[1] != cout:
                     raise ValueError(
-                        f"level {level}: adapter outputs {conv.out_channels} channels, "
+                        f"level {level}: adapter outputs {cout} channels, "
                         f"teacher map {tuple(t.shape)} has {t.shape[1]}"
                     )
             out.append(conv(f))

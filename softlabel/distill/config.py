@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from softlabel.distill.adapters import ADAPTERS
 from softlabel.distill.losses import LOSSES, build_loss
 from softlabel.distill.schedule import DistillSchedule
 from softlabel.errors import UserError
@@ -24,6 +25,7 @@ class Term:
     weight: float
     options: dict[str, Any]
     levels: tuple[str, ...] | None = None  # feature levels; None means every cached level
+    adapter: str = "conv"  # feature term: the student-to-teacher projector, see FeatureAdapters
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class DistillConfig:
             out[name] = {"loss": t.loss, "weight": t.weight, **t.options}
             if t.levels is not None:
                 out[name]["levels"] = list(t.levels)
+            if name == "feat":
+                out[name]["adapter"] = t.adapter
         out["schedule"] = dataclasses.asdict(self.schedule)
         return out
 
@@ -73,7 +77,12 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
         levels = spec.pop("levels", None)
         if levels is not None and name != "feat":
             raise UserError(f"{source}: 'levels' applies to 'feat' only")
-        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None)
+        adapter = str(spec.pop("adapter", "conv"))
+        if name != "feat" and adapter != "conv":
+            raise UserError(f"{source}: 'adapter' applies to 'feat' only")
+        if adapter not in ADAPTERS:
+            raise UserError(f"{source}: 'feat': unknown adapter '{adapter}'; valid adapters: {', '.join(ADAPTERS)}")
+        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None, adapter)
     sched = raw.get("schedule") or {}
     valid = {f.name for f in dataclasses.fields(DistillSchedule)}
     bad = set(sched) - valid

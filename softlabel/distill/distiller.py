@@ -60,7 +60,7 @@ class Distiller(nn.Module):
             self.feat_levels = wanted
             s_ch = [student_channels[student_levels.index(lvl)] for lvl in wanted]
             t_ch = [teacher_channels[teacher_levels.index(lvl)] for lvl in wanted]
-            self.adapters = FeatureAdapters(s_ch, t_ch)
+            self.adapters = FeatureAdapters(s_ch, t_ch, config.terms["feat"].adapter)
             extra = {"channels": None} if config.terms["feat"].loss == "mgd" else {}
             # one loss module per level: a generative loss (MGD) owns per-level parameters
             self.feat_losses = nn.ModuleList(
@@ -93,9 +93,21 @@ class Distiller(nn.Module):
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
             t_feats = [teacher.feats[lvl].float() for lvl in self.feat_levels]
             projected = self.adapters(s_feats, t_feats)
-            terms = [fn(s.float(), t) for fn, s, t in zip(self.feat_losses, projected, t_feats)]
+            weights: list[Tensor | None] = [None] * len(s_feats)
+            if getattr(self.feat_losses[0], "confidence_weighted", False):
+                weights = self._level_confidence(t_scores, student["feats"], student_levels)
+            terms = [fn(s.float(), t, w) for fn, s, t, w in zip(self.feat_losses, projected, t_feats, weights)]
             out["kd_feat"] = self.weights["feat"] * torch.stack(terms).mean()
         return {k: v * self.factor for k, v in out.items()}
+
+    def _level_confidence(self, t_scores: Tensor, feats: list[Tensor], student_levels: list[str]) -> list[Tensor]:
+        """The teacher's best class probability per anchor, cut into the feature levels' [B, H*W] slices."""
+        conf = t_scores.sigmoid().amax(1)
+        sizes = [f.shape[2] * f.shape[3] for f in feats]  # the head's anchors run P3..P5, one per feature position
+        if sum(sizes) != conf.shape[1]:
+            raise ValueError(f"teacher head has {conf.shape[1]} anchors, student feature maps {sum(sizes)} positions")
+        per_level = dict(zip(student_levels, torch.split(conf, sizes, dim=1)))
+        return [per_level[lvl] for lvl in self.feat_levels]
 
 
 def split_head(head_levels: list[Tensor]) -> Tensor:

@@ -222,19 +222,34 @@ class MimicLoss(nn.Module):
 
     target = "feat"
 
-    def __init__(self, eps: float = 1e-5) -> None:
+    NORMALIZE = ("channel", "global", "none")
+
+    def __init__(self, eps: float = 1e-5, confidence_weighted: bool = False, normalize: str = "channel") -> None:
         super().__init__()
+        if normalize not in self.NORMALIZE:
+            raise ValueError(f"normalize must be one of {list(self.NORMALIZE)}, got {normalize!r}")
         self.eps = eps
+        # Positions weighted by the teacher's best class score (the caller passes it as ``weight``):
+        # the features worth copying are where the teacher sees an object, not the empty background.
+        self.confidence_weighted = confidence_weighted
+        self.normalize = normalize
 
     def forward(self, student: Tensor, teacher: Tensor, weight: Tensor | None = None) -> Tensor:
         _check_pair(student, teacher, 4, "mimic")
+        if self.confidence_weighted and weight is None:
+            raise ValueError("mimic(confidence_weighted=True) needs weight=[B, H*W] teacher confidence")
         teacher = teacher.detach().float()
-        # Both maps are standardised with the *teacher's* per-channel statistics: this removes the
-        # arbitrary magnitude of the tapped teacher layer while staying one shared affine map, so the
-        # loss is zero only when the maps are equal. The shared mean cancels in the difference.
-        # Statistics pool batch and space so a tiny P5 map (even 1x1) still gives a usable scale.
-        std = teacher.std((0, 2, 3), keepdim=True, unbiased=False) + self.eps
-        per_pos = ((student.float() - teacher) / std).pow(2).mean(1).flatten(1)
+        diff = student.float() - teacher
+        # Dividing by the *teacher's* spread removes the arbitrary magnitude of the tapped layer while
+        # staying one shared map, so the loss is zero only when the maps are equal. "channel" gives
+        # every channel the same say, near-constant ones included; "global" keeps the teacher's own
+        # balance between channels, as the plain MSE ("none") does. Statistics pool batch and space
+        # so a tiny P5 map (even 1x1) still gives a usable scale.
+        if self.normalize == "channel":
+            diff = diff / (teacher.std((0, 2, 3), keepdim=True, unbiased=False) + self.eps)
+        elif self.normalize == "global":
+            diff = diff / (teacher.std(unbiased=False) + self.eps)
+        per_pos = diff.pow(2).mean(1).flatten(1)
         return _weighted_mean(per_pos, _position_weight(weight, student))
 
 
