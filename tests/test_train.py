@@ -326,3 +326,29 @@ def test_adapter_option_is_checked(tmp_path):
         parse_distill({"feat": {"loss": "mimic", "adapter": "linear"}}, "t.yaml")
     with pytest.raises(UserError, match="'adapter' applies to 'feat' only"):
         parse_distill({"cls": {"loss": "bce", "adapter": "mlp"}}, "t.yaml")
+
+
+def test_confidence_level_balance_follows_where_the_teacher_sees_objects():
+    """level_balance: confidence gives a level without objects (nearly) no share of the feature term."""
+    from softlabel.distill.config import parse_distill
+
+    levels, s_ch, t_ch, sizes, nc, reg_max = ["p3", "p4"], [4, 8], [6, 10], [(4, 4), (2, 2)], 3, 16
+    g = torch.Generator().manual_seed(0)
+    s_feats = [torch.randn(2, c, h, w, generator=g) for c, (h, w) in zip(s_ch, sizes)]
+    t_feats = {lvl: torch.randn(2, c, h, w, generator=g) for lvl, c, (h, w) in zip(levels, t_ch, sizes)}
+    head = torch.full((2, 4 * reg_max + nc, 20), -20.0)
+    head[:, 4 * reg_max, :16] = 3.0  # objects on P3 only
+    student = {"scores": torch.zeros(2, nc, 20), "boxes": torch.zeros(2, 4 * reg_max, 20), "feats": s_feats}
+    feat = {"loss": "mimic", "weight": 1.0, "confidence_weighted": True, "normalize": "none"}
+    balanced = Distiller(parse_distill({"feat": {**feat, "level_balance": "confidence"}}, "t.yaml"), reg_max, levels, s_ch, levels, t_ch)
+    equal = Distiller(parse_distill({"feat": feat}, "t.yaml"), reg_max, levels, s_ch, levels, t_ch)
+    equal.load_state_dict(balanced.state_dict())
+    with torch.no_grad():
+        per_level = [fn(p, t_feats[lvl], w) for fn, p, lvl, w in zip(
+            balanced.feat_losses, balanced.adapters(s_feats), levels, balanced._level_confidence(head[:, 4 * reg_max:], s_feats, levels))]
+        kd_balanced = balanced(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
+        kd_equal = equal(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
+    assert float(kd_equal) == pytest.approx(float(sum(per_level)) / 2, rel=1e-5)
+    assert float(kd_balanced) == pytest.approx(float(per_level[0]), rel=1e-5)  # P4's share is ~1e-8
+    with pytest.raises(UserError, match="unknown level_balance 'area'"):
+        parse_distill({"feat": {**feat, "level_balance": "area"}}, "t.yaml")

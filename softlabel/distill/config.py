@@ -16,6 +16,11 @@ from softlabel.errors import UserError
 from softlabel.yamlfile import read_mapping
 
 TERMS = ("cls", "box", "feat")
+# How the feature levels share the feature term. "equal": the mean of the per-level losses.
+# "confidence": each level in proportion to the teacher's confidence summed over its positions,
+# so a level where the teacher sees nothing adds nearly nothing, whatever a sparse head
+# reconstructed there.
+LEVEL_BALANCE = ("equal", "confidence")
 DEFAULT_DISTILL = Path(__file__).resolve().parents[2] / "configs" / "distill" / "default.yaml"
 
 
@@ -26,6 +31,7 @@ class Term:
     options: dict[str, Any]
     levels: tuple[str, ...] | None = None  # feature levels; None means every cached level
     adapter: str = "conv"  # feature term: the student-to-teacher projector, see FeatureAdapters
+    level_balance: str = "equal"  # feature term: how levels share the term, see Distiller
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class DistillConfig:
                 out[name]["levels"] = list(t.levels)
             if name == "feat":
                 out[name]["adapter"] = t.adapter
+                out[name]["level_balance"] = t.level_balance
         out["schedule"] = dataclasses.asdict(self.schedule)
         return out
 
@@ -77,12 +84,15 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
         levels = spec.pop("levels", None)
         if levels is not None and name != "feat":
             raise UserError(f"{source}: 'levels' applies to 'feat' only")
-        adapter = str(spec.pop("adapter", "conv"))
-        if name != "feat" and adapter != "conv":
-            raise UserError(f"{source}: 'adapter' applies to 'feat' only")
-        if adapter not in ADAPTERS:
-            raise UserError(f"{source}: 'feat': unknown adapter '{adapter}'; valid adapters: {', '.join(ADAPTERS)}")
-        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None, adapter)
+        feat_only = {"adapter": ("conv", ADAPTERS), "level_balance": ("equal", LEVEL_BALANCE)}
+        chosen = {}
+        for key, (default, valid) in feat_only.items():
+            if key in spec and name != "feat":
+                raise UserError(f"{source}: '{key}' applies to 'feat' only")
+            chosen[key] = str(spec.pop(key, default))
+            if chosen[key] not in valid:
+                raise UserError(f"{source}: 'feat': unknown {key} '{chosen[key]}'; valid: {', '.join(valid)}")
+        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None, **chosen)
     sched = raw.get("schedule") or {}
     valid = {f.name for f in dataclasses.fields(DistillSchedule)}
     bad = set(sched) - valid

@@ -61,6 +61,7 @@ class Distiller(nn.Module):
             s_ch = [student_channels[student_levels.index(lvl)] for lvl in wanted]
             t_ch = [teacher_channels[teacher_levels.index(lvl)] for lvl in wanted]
             self.adapters = FeatureAdapters(s_ch, t_ch, config.terms["feat"].adapter)
+            self.level_balance = config.terms["feat"].level_balance
             extra = {"channels": None} if config.terms["feat"].loss == "mgd" else {}
             # one loss module per level: a generative loss (MGD) owns per-level parameters
             self.feat_losses = nn.ModuleList(
@@ -93,11 +94,18 @@ class Distiller(nn.Module):
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
             t_feats = [teacher.feats[lvl].float() for lvl in self.feat_levels]
             projected = self.adapters(s_feats, t_feats)
-            weights: list[Tensor | None] = [None] * len(s_feats)
-            if getattr(self.feat_losses[0], "confidence_weighted", False):
-                weights = self._level_confidence(t_scores, student["feats"], student_levels)
-            terms = [fn(s.float(), t, w) for fn, s, t, w in zip(self.feat_losses, projected, t_feats, weights)]
-            out["kd_feat"] = self.weights["feat"] * torch.stack(terms).mean()
+            weighted = getattr(self.feat_losses[0], "confidence_weighted", False)
+            conf = None
+            if weighted or self.level_balance == "confidence":
+                conf = self._level_confidence(t_scores, student["feats"], student_levels)
+            weights: list[Tensor | None] = conf if weighted else [None] * len(s_feats)
+            terms = torch.stack([fn(s.float(), t, w) for fn, s, t, w in zip(self.feat_losses, projected, t_feats, weights)])
+            if conf is not None and self.level_balance == "confidence":
+                mass = torch.stack([c.sum() for c in conf])
+                share = mass / mass.sum().clamp_min(1e-12)
+            else:
+                share = torch.full_like(terms, 1.0 / len(terms))
+            out["kd_feat"] = self.weights["feat"] * (share * terms).sum()
         return {k: v * self.factor for k, v in out.items()}
 
     def _level_confidence(self, t_scores: Tensor, feats: list[Tensor], student_levels: list[str]) -> list[Tensor]:
