@@ -57,10 +57,13 @@ def main() -> None:
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
-@click.option("--precision", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
+@click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
-@click.option("--head-topk", default=None, type=int, help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image.")
-@click.option("--head-floor", default=0.0, show_default=True, help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this.")
+@click.option("--head-topk", default=64, show_default=True, type=int,
+              help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image; "
+                   "the rest read back as background. 0 keeps every anchor (a dense head).")
+@click.option("--head-floor", default=None, type=float,
+              help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0.01; 0 with --head-topk 0].")
 @click.option("--shard-size", default=16, show_default=True, help="Samples per shard (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

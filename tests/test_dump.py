@@ -23,7 +23,9 @@ from softlabel.augment import load_augment
 from softlabel.replay import Replay, View
 from softlabel.teacher import Teacher, to_model_input
 
-ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet"]
+# A dense float16 store: the exactness contracts compare it with the live teacher at tight
+# tolerances. The default (int8, sparse head) is tested in test_storage.
+ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet", "--precision", "float16", "--head-topk", "0"]
 
 
 

@@ -65,7 +65,7 @@ def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
         ["--precision", "int8"],
         ["--precision", "bfloat16", "--codec", "head=zstd,feat=blosc-lz4"],
         ["--head-topk", "30", "--head-floor", "0.0"],
-        ["--head-topk", "30", "--precision", "int8", "--no-features"],
+        ["--head-topk", "30", "--head-floor", "0", "--precision", "int8", "--no-features"],
     ],
     ids=["int8", "bf16-codecs", "sparse", "sparse-int8-nofeat"],
 )
@@ -99,7 +99,7 @@ def test_sparse_cache_masks_the_box_loss(tmp_path, dataset, teacher):
     from softlabel.train import DistillDataset, ViewPlan
 
     out = tmp_path / "sp.zarr"
-    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10")).exit_code == 0
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10", "--head-floor", "0")).exit_code == 0
     reader = CacheReader(str(out))
     aug = reader.attrs["augment"]
     replay = Replay(build_index(load_data_yaml(dataset), check_images=False), AugmentConfig.from_attrs(aug), 64, aug["seed"])
@@ -116,7 +116,28 @@ def test_mismatched_options_are_refused(tmp_path, dataset, teacher):
     r = run_cli("train", "--student", "yolov8n", "--cache", out, "--data", dataset, "--epochs", 1, "--device", "cpu",
                 "--close-mosaic", 0, "--project", tmp_path / "runs")
     assert r.exit_code == 2 and "no features" in r.stderr
-    for bad, needle in ((["--head-floor", "0.3"], "needs --head-topk"), (["--codec", "head=lz9"], "unknown codec"),
-                        (["--head-topk", "0"], "at least 1")):
+    for bad, needle in ((["--head-floor", "0.3"], "needs a sparse head"), (["--codec", "head=lz9"], "unknown codec"),
+                        (["--head-topk", "-1"], "0 (a dense head")):
         b = run_cli(*dump_args(teacher, dataset, tmp_path / "x.zarr", *bad))
         assert b.exit_code == 2 and needle in b.stderr, (bad, b.stderr)
+
+
+def test_default_store_is_int8_with_a_sparse_head(tmp_path, dataset, teacher):
+    from softlabel.dump import DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK
+
+    out = tmp_path / "d.zarr"
+    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", out, "--imgsz", 64, "--batch", 4, "--views", 1,
+                "--close-views", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    storage = CacheReader(str(out)).attrs["storage"]
+    assert storage["precision"] == "int8" and storage["head_sparse"] == {"topk": DEFAULT_HEAD_TOPK, "floor": DEFAULT_HEAD_FLOOR}
+    sample = CacheReader(str(out)).read("v0", 0)
+    assert sample.mask is not None  # an untrained teacher may pass no anchor over the floor
+    assert sum(int(m.sum()) for m in sample.mask.values()) <= DEFAULT_HEAD_TOPK
+    assert run_cli("verify", out, "--samples", 2).exit_code == 0
+    dense = tmp_path / "dense.zarr"
+    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", dense, "--imgsz", 64, "--batch", 4, "--views", 1,
+                "--close-views", 0, "--quiet", "--head-topk", 0, "--precision", "float16")
+    assert r.exit_code == 0, r.output
+    storage = CacheReader(str(dense)).attrs["storage"]
+    assert storage["precision"] == "float16" and storage["head_sparse"] is None

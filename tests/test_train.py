@@ -35,7 +35,7 @@ def v8s_teacher(tmp_path_factory):
 def cache(tmp_path_factory, dataset, v8s_teacher):
     out = tmp_path_factory.mktemp("c8s") / "c.zarr"
     r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
-                "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet")
+                "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet", "--precision", "float16", "--head-topk", 0)
     assert r.exit_code == 0, r.output
     return out
 
