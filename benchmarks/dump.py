@@ -7,8 +7,9 @@ through to_model_input and Teacher.__call__. The dump's fixed setup (loading the
 checking every image) is timed on its own with softlabel.dump.prepare and subtracted, so the
 ratio compares steady-state rates; the end-to-end rate is reported as well.
 
-Size: bytes on disk per sample-view of every cached tensor, for each codec preset, and the
-compression ratio against the same tensor in float32 (4 bytes x channels x H x W).
+Size: bytes on disk per sample-view of every cached tensor, for the dump's default store and for
+each codec preset x precision with a dense head, and the compression ratio against the same
+tensors in float32 (4 bytes x channels x H x W).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import common
 import yaml
 
 TARGET = 0.9  # dump images/s over forward images/s
+DEFAULT = "default"  # the store `softlabel dump` writes without storage options
+DEFAULT_DESCRIPTION = "int8, head sparse (top 64 anchors, floor 0.01), blosc-zstd"
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,6 +102,7 @@ def main() -> None:
     import torch
 
     from softlabel.cache.codecs import CODECS, DEFAULT_CODEC
+    from softlabel.cache.encoding import PRECISIONS
     from softlabel.cache.info import summarize
     from softlabel.data import build_index, load_data_yaml
     from softlabel.dump import DumpSettings, prepare, resolve_device, run_dump
@@ -108,6 +112,11 @@ def main() -> None:
     unknown = [c for c in codecs if c not in CODECS]
     if unknown:
         raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
+    # the dump's defaults (int8, sparse head), then every codec x precision with a dense head
+    options: dict[str, dict] = {DEFAULT: {}}
+    for codec in codecs:
+        for precision in PRECISIONS:
+            options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0)
     if args.threads:
         torch.set_num_threads(args.threads)  # fewer threads than cores is steadier on a machine shared with other work
     device = resolve_device(args.device)
@@ -116,18 +125,18 @@ def main() -> None:
         data, teacher_path = prepare_inputs(args, tmp)
         n = len(build_index(load_data_yaml(data), check_images=False))
 
-        def settings(codec: str) -> DumpSettings:
-            return DumpSettings(teacher=str(teacher_path), data=str(data), out=str(tmp / f"{codec}.zarr"), views=1,
-                                close_views=0, imgsz=args.imgsz, batch=args.batch, device=args.device,
-                                workers=args.workers, seed=args.seed, codec=codec, shard_size=args.shard_size,
-                                overwrite=True, progress=False)
+        def settings(name: str) -> DumpSettings:
+            return DumpSettings(teacher=str(teacher_path), data=str(data), out=str(tmp / f"{name.replace('/', '-')}.zarr"),
+                                views=1, close_views=0, imgsz=args.imgsz, batch=args.batch, device=args.device,
+                                workers=args.workers, seed=args.seed, shard_size=args.shard_size, overwrite=True,
+                                progress=False, **options[name])
 
-        def timed_dump(codec: str) -> tuple[float, float]:
+        def timed_dump(name: str) -> tuple[float, float]:
             """(seconds of the whole dump, seconds of its fixed setup)."""
             with common.Timer() as setup:
-                prepare(settings(codec))
+                prepare(settings(name))
             with common.Timer() as whole:
-                run_dump(settings(codec))
+                run_dump(settings(name))
             return whole.seconds, setup.seconds
 
         teacher = Teacher.load(teacher_path, device=device)
@@ -142,29 +151,25 @@ def main() -> None:
         fwd, whole, setup = [], [], []
         for r in range(args.repeats):  # interleaved, so a slow spell on a shared machine hits both alike
             fwd.append(forward_seconds(teacher, batches, device))
-            w, s = timed_dump(DEFAULT_CODEC)
+            w, s = timed_dump(DEFAULT)
             whole.append(w)
             setup.append(s)
             print(f"repeat {r + 1}/{args.repeats}: forward {n / fwd[-1]:.1f} img/s, dump {n / (w - s):.1f} img/s "
                   f"({n / w:.1f} end to end, setup {s:.1f} s)", flush=True)
         del teacher
 
-        per_codec_ips = {DEFAULT_CODEC: common.median([n / (w - s) for w, s in zip(whole, setup)])}
-        for codec in codecs:
-            if codec != DEFAULT_CODEC:
-                w, s = timed_dump(codec)
-                per_codec_ips[codec] = n / (w - s)
-        per_tensor, ratios, totals = {}, {}, {}
-        shapes = None
-        for codec in codecs:
-            store = str(tmp / f"{codec}.zarr")
-            if not Path(store).exists():
-                run_dump(settings(codec))
-            shapes = shapes or tensor_shapes(store)
+        per_option_ips = {DEFAULT: common.median([n / (w - s) for w, s in zip(whole, setup)])}
+        per_tensor, totals, shapes = {}, {}, {}
+        for name in options:
+            if name != DEFAULT:
+                w, s = timed_dump(name)
+                per_option_ips[name] = n / (w - s)
+            store = str(tmp / f"{name.replace('/', '-')}.zarr")
+            shapes[name] = tensor_shapes(store)
             sizes_on_disk = summarize(store)["bytes_per_sample_view"]
-            per_tensor[codec] = {k: sizes_on_disk[k] for k in shapes}
-            totals[codec] = sum(sizes_on_disk.values())  # fingerprints and done flags included
-            ratios[codec] = {k: (4 * _prod(shapes[k]) / v if v else None) for k, v in per_tensor[codec].items()}
+            per_tensor[name] = {k: sizes_on_disk[k] for k in shapes[name]}
+            totals[name] = sum(sizes_on_disk.values())  # fingerprints, scales and done flags included
+            print(f"{name:<22} {per_option_ips[name]:6.1f} img/s  {totals[name] / 1e3:9.1f} kB/sample-view", flush=True)
         threads = torch.get_num_threads()
     finally:
         if args.keep:
@@ -172,15 +177,18 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    dump_ips = per_codec_ips[DEFAULT_CODEC]
+    dense = f"{DEFAULT_CODEC}/float16"
+    raw = {k: 4 * _prod(s) for k, s in shapes[dense].items()}  # every tensor dense, in float32
+    raw_total = sum(raw.values())
+    ratios = {name: {k: raw[k] / v for k, v in t.items() if k in raw and v} for name, t in per_tensor.items()}
+    dump_ips = per_option_ips[DEFAULT]
     fwd_ips = common.median([n / f for f in fwd])
     ratio = dump_ips / fwd_ips
-    raw = {k: 4 * _prod(s) for k, s in shapes.items()}
     teacher_name = args.teacher or f"{args.teacher_cfg} (random weights)"
     result = {
         **common.header(args.device),
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "images": n,
-                     "codec": DEFAULT_CODEC, "torch_threads": threads},
+                     "codec": DEFAULT_CODEC, "torch_threads": threads, "dump_defaults": DEFAULT_DESCRIPTION},
         "dump_images_per_sec": dump_ips,
         "dump_images_per_sec_end_to_end": common.median([n / w for w in whole]),
         "dump_setup_seconds": common.median(setup),
@@ -188,26 +196,31 @@ def main() -> None:
         "ratio_dump_over_forward": ratio,
         "target": {"op": ">=", "value": TARGET, "pass": ratio >= TARGET},
         "per_repeat": {"forward_seconds": fwd, "dump_seconds": whole, "setup_seconds": setup},
-        "dump_images_per_sec_by_codec": per_codec_ips,
-        "tensor_shapes": {k: list(s) for k, s in shapes.items()},
+        "dump_images_per_sec_by_option": per_option_ips,
+        "tensor_shapes": {name: {k: list(s) for k, s in sh.items()} for name, sh in shapes.items()},
         "float32_bytes_per_sample": raw,
         "bytes_per_sample_view": per_tensor,
         "bytes_per_sample_view_total": totals,
         "compression_ratio": ratios,
+        "compression_ratio_total": {name: raw_total / t for name, t in totals.items()},
     }
     out = common.write_json(args.out, result)
 
     print()
     print(common.table(
-        ["codec", "dump img/s", "kB/sample-view", "x vs float32"],
-        [[c, per_codec_ips[c], totals[c] / 1e3, sum(raw.values()) / totals[c]] for c in codecs],
-        title=f"dump of {n} images at imgsz {args.imgsz}, batch {args.batch}, {args.workers} workers, teacher {teacher_name}, device {args.device}",
+        ["option", "dump img/s", "kB/sample-view", "x vs float32"],
+        [[name, per_option_ips[name], totals[name] / 1e3, raw_total / totals[name]] for name in options],
+        title=f"dump of {n} images at imgsz {args.imgsz}, batch {args.batch}, {args.workers} workers, teacher {teacher_name}, "
+              f"device {args.device}; {DEFAULT}: {DEFAULT_DESCRIPTION}",
     ))
     print()
-    rows = [[k, "x".join(map(str, shapes[k])), raw[k] / 1e3,
-             *(f"{per_tensor[c][k] / 1e3:.1f} ({ratios[c][k]:.1f}x)" for c in codecs)] for k in shapes]
+    columns = [f"{DEFAULT_CODEC}/{p}" for p in PRECISIONS]
+    rows = [[k, "x".join(map(str, shapes[dense][k])), raw[k] / 1e3,
+             *(f"{per_tensor[c][k] / 1e3:.1f} ({ratios[c][k]:.1f}x)" for c in columns)] for k in shapes[dense]]
+    rows += [[f"{DEFAULT}: {k}", "x".join(map(str, shapes[DEFAULT][k])), "-", f"{v / 1e3:.1f}", "", ""]
+             for k, v in per_tensor[DEFAULT].items()]
     footer = [
-        f"forward alone {fwd_ips:.1f} img/s; dump {dump_ips:.1f} img/s steady ({result['dump_images_per_sec_end_to_end']:.1f} "
+        f"forward alone {fwd_ips:.1f} img/s; dump ({DEFAULT}) {dump_ips:.1f} img/s steady ({result['dump_images_per_sec_end_to_end']:.1f} "
         f"end to end, {result['dump_setup_seconds']:.1f} s setup), medians of {args.repeats}",
         f"{common.verdict(ratio >= TARGET)}  dump/forward = {ratio:.2f} (target >= {TARGET})",
     ]
@@ -216,8 +229,8 @@ def main() -> None:
     if not args.data:
         footer.append("note: toy images (shapes on noise) are not natural images; pass --data for a real dataset")
     footer.append(f"written to {out}")
-    print(common.table(["tensor", "shape", "f32 kB", *(f"{c} kB (ratio)" for c in codecs)], rows,
-                       title="bytes on disk per sample-view", footer=footer))
+    print(common.table(["tensor", "shape", "f32 kB", *(f"{c} kB (ratio)" for c in columns)], rows,
+                       title="bytes on disk per sample-view (dense head unless named default)", footer=footer))
 
 
 def _prod(shape) -> int:
