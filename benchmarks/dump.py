@@ -24,7 +24,7 @@ import yaml
 
 TARGET = 0.9  # dump images/s over forward images/s
 DEFAULT = "default"  # the store `softlabel dump` writes without storage options
-DEFAULT_DESCRIPTION = "int8, head sparse (top 64 anchors, floor 0.01), blosc-zstd"
+DEFAULT_DESCRIPTION = "int8, head sparse (top 64 anchors), blosc-zstd"
 
 
 def parse_args() -> argparse.Namespace:

@@ -50,7 +50,7 @@ OPTIONS = {
     "feat-p4p5-int8": dict(precision="int8", head_topk=32, head_floor=0.0, levels=["p4", "p5"]),
 }
 # what `softlabel dump` stores without options (softlabel.dump.DumpSettings)
-DUMP_DEFAULT = "sparse64-int8-floor.01"
+DUMP_DEFAULT = "sparse64-int8"
 LOSS_LIMIT = 0.01
 HEAD_LIMIT = 0.3e6
 

@@ -63,7 +63,7 @@ def main() -> None:
               help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
-              help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0.01; 0 with --head-topk 0].")
+              help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0].")
 @click.option("--shard-size", default=16, show_default=True, help="Samples per shard (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

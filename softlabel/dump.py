@@ -28,7 +28,7 @@ from softlabel.teacher import Teacher, to_model_input
 
 
 DEFAULT_HEAD_TOPK = 64
-DEFAULT_HEAD_FLOOR = 0.01
+DEFAULT_HEAD_FLOOR = 0.0
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DumpSettings:
     features: bool = True
     overwrite: bool = False
     codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults keep a 640 px, 80-class YOLOv8x head near 0.12 MB per sample-view (README, Storage).
+    # The defaults keep a 640 px, 80-class YOLOv8x head near 0.23 MB per sample-view (README, Storage).
     precision: str = "int8"
     head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
