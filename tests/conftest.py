@@ -22,6 +22,16 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def assert_clean_error(result, *needles) -> None:
+    """A refused command: exit code 2, one line on stderr that names every needle, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
 def save_teacher(path: Path, cfg: str = "yolov8n.yaml", nc: int = 3) -> Path:
     """Build a model from its yaml (no download) and save it as an Ultralytics checkpoint."""
     from softlabel.teacher import save_checkpoint_from_yaml

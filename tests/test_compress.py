@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import assert_clean_error, run_cli
 import torch
 
 from softlabel.errors import UserError
@@ -17,15 +17,6 @@ from softlabel.toydata import NAMES
 from softlabel.train import DistillTrainer
 
 IMGSZ = 64
-
-
-
-def _clean_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output[-2000:], result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
 
 
 def _params(model) -> int:
@@ -155,11 +146,11 @@ def test_openvino_fp32_and_int8_export_validate(tmp_path, pruned, dataset):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, original, dataset):
     missing = tmp_path / "nope.pt"
-    _clean_error(run_cli("prune", "--model", missing, "--out", tmp_path / "p.pt"), "nope.pt", "not found")
+    assert_clean_error(run_cli("prune", "--model", missing, "--out", tmp_path / "p.pt"), "nope.pt", "not found")
     for ratio in (0, 1, 1.5, -0.2):
-        _clean_error(run_cli("prune", "--model", original, "--ratio", ratio, "--out", tmp_path / "p.pt"), "--ratio", "between 0 and 1")
-    _clean_error(run_cli("prune", "--model", original, "--importance", "taylor", "--out", tmp_path / "p.pt"), "taylor", "l2")
-    _clean_error(run_cli("export", "--model", missing, "--format", "onnx"), "nope.pt", "not found")
-    _clean_error(run_cli("export", "--model", original, "--format", "tflite"), "unsupported format 'tflite'", "onnx or openvino")
-    _clean_error(run_cli("export", "--model", original, "--format", "onnx", "--int8"), "--int8 needs --data")
+        assert_clean_error(run_cli("prune", "--model", original, "--ratio", ratio, "--out", tmp_path / "p.pt"), "--ratio", "between 0 and 1")
+    assert_clean_error(run_cli("prune", "--model", original, "--importance", "taylor", "--out", tmp_path / "p.pt"), "taylor", "l2")
+    assert_clean_error(run_cli("export", "--model", missing, "--format", "onnx"), "nope.pt", "not found")
+    assert_clean_error(run_cli("export", "--model", original, "--format", "tflite"), "unsupported format 'tflite'", "onnx or openvino")
+    assert_clean_error(run_cli("export", "--model", original, "--format", "onnx", "--int8"), "--int8 needs --data")
     assert not (tmp_path / "p.pt").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import make_dataset, run_cli
+from conftest import assert_clean_error, make_dataset, run_cli
 from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
@@ -160,15 +160,6 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, dataset, teacher, du
 # bad input: exit code 2, one line naming the culprit, no traceback, the store untouched ---------------------
 
 
-def _assert_clean_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-
-
 @pytest.fixture
 def existing_store(tmp_path, dumped):
     import shutil
@@ -185,29 +176,29 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 def test_missing_and_malformed_data_yaml(tmp_path, teacher, existing_store):
     before = _snapshot(existing_store)
     missing = tmp_path / "nope.yaml"
-    _assert_clean_error(run_cli(*dump_args(teacher, missing, existing_store)), missing, "not found")
+    assert_clean_error(run_cli(*dump_args(teacher, missing, existing_store)), missing, "not found")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    _assert_clean_error(run_cli(*dump_args(teacher, bad, existing_store)), bad, "YAML")
+    assert_clean_error(run_cli(*dump_args(teacher, bad, existing_store)), bad, "YAML")
     no_names = tmp_path / "nonames.yaml"
     no_names.write_text("train: images\n")
-    _assert_clean_error(run_cli(*dump_args(teacher, no_names, existing_store)), no_names, "names")
+    assert_clean_error(run_cli(*dump_args(teacher, no_names, existing_store)), no_names, "names")
     assert _snapshot(existing_store) == before
 
 
 def test_teacher_missing_not_a_checkpoint_or_not_detection(tmp_path, dataset, existing_store):
     before = _snapshot(existing_store)
     missing = tmp_path / "missing.pt"
-    _assert_clean_error(run_cli(*dump_args(missing, dataset, existing_store)), missing, "not found")
+    assert_clean_error(run_cli(*dump_args(missing, dataset, existing_store)), missing, "not found")
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    _assert_clean_error(run_cli(*dump_args(junk, dataset, existing_store)), junk, "not an Ultralytics checkpoint")
+    assert_clean_error(run_cli(*dump_args(junk, dataset, existing_store)), junk, "not an Ultralytics checkpoint")
     from ultralytics.nn.tasks import ClassificationModel, SegmentationModel
 
     for cls, cfg, word in ((SegmentationModel, "yolov8n-seg.yaml", "segment"), (ClassificationModel, "yolov8n-cls.yaml", "classify")):
         path = tmp_path / f"{word}.pt"
         torch.save({"model": cls(cfg, nc=3, verbose=False).half(), "train_args": {}}, path)
-        _assert_clean_error(run_cli(*dump_args(path, dataset, existing_store)), path, word, "supported")
+        assert_clean_error(run_cli(*dump_args(path, dataset, existing_store)), path, word, "supported")
     assert _snapshot(existing_store) == before
 
 
@@ -216,7 +207,7 @@ def test_end_to_end_head_refused(tmp_path, dataset):
 
     path = tmp_path / "e2e.pt"
     torch.save({"model": DetectionModel("yolo26n.yaml", nc=3, verbose=False).half(), "train_args": {}}, path)
-    _assert_clean_error(run_cli(*dump_args(path, dataset, tmp_path / "e.zarr")), path, "end-to-end")
+    assert_clean_error(run_cli(*dump_args(path, dataset, tmp_path / "e.zarr")), path, "end-to-end")
     assert not (tmp_path / "e.zarr").exists()
 
 
@@ -225,7 +216,7 @@ def test_teacher_class_count_mismatch(tmp_path, dataset, existing_store):
     from softlabel.teacher import save_checkpoint_from_yaml
 
     four = save_checkpoint_from_yaml("yolov8n.yaml", ["a", "b", "c", "d"], tmp_path / "t4.pt")
-    _assert_clean_error(run_cli(*dump_args(four, dataset, existing_store)), four, "4 classes", "nc=3")
+    assert_clean_error(run_cli(*dump_args(four, dataset, existing_store)), four, "4 classes", "nc=3")
     assert _snapshot(existing_store) == before
 
 
@@ -235,17 +226,17 @@ def test_corrupt_image_and_bad_labels_name_the_file(tmp_path, teacher):
     image = sorted((root / "images" / "train").glob("*"))[1]
     original = image.read_bytes()
     image.write_bytes(original[: len(original) // 3])
-    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c1.zarr")), image.name, "corrupt")
+    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c1.zarr")), image.name, "corrupt")
     image.write_bytes(original)
     label = sorted((root / "labels" / "train").glob("*.txt"))[0]
     label.write_text("0 0.5 0.5 0.2\n")
-    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c2.zarr")), f"{label}:1", "malformed")
+    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c2.zarr")), f"{label}:1", "malformed")
     label.write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
-    _assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c3.zarr")), f"{label}:2", "class id 7")
+    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c3.zarr")), f"{label}:2", "class id 7")
     empty = tmp_path / "empty"
     (empty / "images" / "train").mkdir(parents=True)
     (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nnames: [a, b, c]\n")
-    _assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "no images")
+    assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "no images")
     for i in range(1, 5):
         assert not (tmp_path / f"c{i}.zarr").exists()
 
@@ -253,7 +244,7 @@ def test_corrupt_image_and_bad_labels_name_the_file(tmp_path, teacher):
 def test_newer_schema_is_refused(tmp_path, existing_store):
     group = zarr.open_group(str(existing_store), mode="r+")
     group.attrs["schema_version"] = 99
-    _assert_clean_error(run_cli("info", existing_store), "schema version 99", "upgrade")
+    assert_clean_error(run_cli("info", existing_store), "schema version 99", "upgrade")
 
 
 def test_reader_fast_path_equals_zarr_for_every_sample(dumped):
