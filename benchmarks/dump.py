@@ -125,8 +125,11 @@ def main() -> None:
         data, teacher_path = prepare_inputs(args, tmp)
         n = len(build_index(load_data_yaml(data), check_images=False))
 
+        def store_of(name: str) -> str:
+            return str(tmp / f"{name.replace('/', '-')}.zarr")
+
         def settings(name: str) -> DumpSettings:
-            return DumpSettings(teacher=str(teacher_path), data=str(data), out=str(tmp / f"{name.replace('/', '-')}.zarr"),
+            return DumpSettings(teacher=str(teacher_path), data=str(data), out=store_of(name),
                                 views=1, close_views=0, imgsz=args.imgsz, batch=args.batch, device=args.device,
                                 workers=args.workers, seed=args.seed, shard_size=args.shard_size, overwrite=True,
                                 progress=False, **options[name])
@@ -164,7 +167,7 @@ def main() -> None:
             if name != DEFAULT:
                 w, s = timed_dump(name)
                 per_option_ips[name] = n / (w - s)
-            store = str(tmp / f"{name.replace('/', '-')}.zarr")
+            store = store_of(name)
             shapes[name] = tensor_shapes(store)
             sizes_on_disk = summarize(store)["bytes_per_sample_view"]
             per_tensor[name] = {k: sizes_on_disk[k] for k in shapes[name]}

@@ -32,7 +32,6 @@ import torch
 COCO_IMAGES, COCO_VIEWS = 118_287, 4
 V8X_640 = {"anchors": 8400, "head_channels": 64 + 80, "nc": 80, "feat_values": 320 * 80 * 80 + 640 * 40 * 40 + 640 * 20 * 20}
 
-# name -> dump options
 # name -> dump options; every option is spelled out, so a change of the dump's defaults cannot change a row
 DENSE = dict(head_topk=0)
 OPTIONS = {

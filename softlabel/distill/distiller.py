@@ -68,6 +68,11 @@ class Distiller(nn.Module):
                 config.build("feat", **({"channels": c} if extra else {})) for c in t_ch
             )
         self.factor = 1.0  # the schedule's multiplier for the current epoch
+        self.feat_weighted = bool(self.feat_levels) and getattr(self.feat_losses[0], "confidence_weighted", False)
+        feat_balanced = bool(self.feat_levels) and self.level_balance == "confidence"
+        box_weighted = "box" in self.losses and getattr(self.losses["box"], "confidence_weighted", False)
+        # the teacher's best class probability per anchor: computed once per batch for every term that uses it
+        self.needs_confidence = box_weighted or self.feat_weighted or feat_balanced
 
     @property
     def item_names(self) -> list[str]:
@@ -83,9 +88,10 @@ class Distiller(nn.Module):
             return {name: zero for name in self.item_names}
         if "cls" in self.losses:
             out["kd_cls"] = self.weights["cls"] * self.losses["cls"](student["scores"], t_scores)
+        t_conf = t_scores.sigmoid().amax(1) if self.needs_confidence else None
         if "box" in self.losses:
             loss = self.losses["box"]
-            weight = t_scores.sigmoid().amax(1) if getattr(loss, "confidence_weighted", False) else None
+            weight = t_conf if getattr(loss, "confidence_weighted", False) else None
             if teacher.mask is not None:
                 mask = teacher.mask.to(t_boxes.dtype)
                 weight = mask if weight is None else weight * mask
@@ -94,11 +100,8 @@ class Distiller(nn.Module):
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
             t_feats = [teacher.feats[lvl].float() for lvl in self.feat_levels]
             projected = self.adapters(s_feats, t_feats)
-            weighted = getattr(self.feat_losses[0], "confidence_weighted", False)
-            conf = None
-            if weighted or self.level_balance == "confidence":
-                conf = self._level_confidence(t_scores, student["feats"], student_levels)
-            weights: list[Tensor | None] = conf if weighted else [None] * len(s_feats)
+            conf = self._level_confidence(t_conf, student["feats"], student_levels) if t_conf is not None else None
+            weights: list[Tensor | None] = conf if self.feat_weighted else [None] * len(s_feats)
             terms = torch.stack([fn(s.float(), t, w) for fn, s, t, w in zip(self.feat_losses, projected, t_feats, weights)])
             if conf is not None and self.level_balance == "confidence":
                 mass = torch.stack([c.sum() for c in conf])
@@ -108,9 +111,8 @@ class Distiller(nn.Module):
             out["kd_feat"] = self.weights["feat"] * (share * terms).sum()
         return {k: v * self.factor for k, v in out.items()}
 
-    def _level_confidence(self, t_scores: Tensor, feats: list[Tensor], student_levels: list[str]) -> list[Tensor]:
-        """The teacher's best class probability per anchor, cut into the feature levels' [B, H*W] slices."""
-        conf = t_scores.sigmoid().amax(1)
+    def _level_confidence(self, conf: Tensor, feats: list[Tensor], student_levels: list[str]) -> list[Tensor]:
+        """The teacher's confidence per anchor [B, A], cut into the feature levels' [B, H*W] slices."""
         sizes = [f.shape[2] * f.shape[3] for f in feats]  # the head's anchors run P3..P5, one per feature position
         if sum(sizes) != conf.shape[1]:
             raise ValueError(f"teacher head has {conf.shape[1]} anchors, student feature maps {sum(sizes)} positions")
