@@ -119,6 +119,33 @@ def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
         assert abs(a - b) <= 1e-3 * abs(b) + 1e-6, (key, a, b)
 
 
+def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_teacher):
+    """Contract 3 for the default store (int8, sparse head): the loss stays within 1% of the live teacher's."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    out = tmp_path / "default.zarr"
+    r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
+                "--views", 1, "--close-views", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    reader = CacheReader(str(out))
+    assert reader.attrs["storage"]["precision"] == "int8" and reader.attrs["storage"]["head_sparse"]
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 0), reader)
+    batch = _batch(ds, [(i, 0) for i in range(6)])
+    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
+    levels, channels, reg_max, _, _ = student_levels(student)
+    t = Teacher.load(v8s_teacher)
+    distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
+    torch.manual_seed(0)
+    preds = student(batch["img"].float() / 255)
+    feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
+    from_cache = distiller(preds, TeacherBatch(batch["teacher_head"], feats, batch["teacher_mask"]), levels)
+    live = t(batch["img"].float() / 255)
+    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
+    a = float(sum(from_cache.values()).detach())
+    b = float(sum(from_live.values()).detach())
+    assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)
+
+
 def _train_args(tmp_path, dataset, **kw):
     args = dict(data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
                 project=str(tmp_path / "runs"), seed=0, nbs=4, close_mosaic=1, exist_ok=True, amp=False)

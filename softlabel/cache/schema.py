@@ -7,6 +7,7 @@ Layout (zarr v3):
                                                      head/values [N, K, 4*reg_max+nc], head/background [N, nc])
     {view}/feat/{level}   [N, C, H, W]
     {view}/head_scale/{level}, feat_scale/{level}   [N, C] float32, with int8 precision
+                                                     (sparse head: head/scale [N, 4*reg_max+nc])
     {view}/done           [N/S] uint8         1 once every array of that shard is durable
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples.
 """
