@@ -135,12 +135,12 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
         for start in range(0, n, 8):
             batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(start, min(start + 8, n))])
             preds = student(batch["img"].float() / 255)
-            feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
+            stored = TeacherBatch.from_batch(batch)
             live = teacher(batch["img"].float() / 255)
             live_feats = dict(zip(teacher.info.levels, live.feat))
             # levels a store left out are compared on the live teacher: only what was stored can differ
-            feats = {lvl: feats.get(lvl, live_feats[lvl]) for lvl in teacher.info.levels}
-            from_store = distiller(preds, TeacherBatch(batch["teacher_head"], feats, batch.get("teacher_mask")), levels)
+            stored.feats = {lvl: stored.feats.get(lvl, live_feats[lvl]) for lvl in teacher.info.levels}
+            from_store = distiller(preds, stored, levels)
             from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
             for key in from_live:
                 a, b = float(from_store[key]), float(from_live[key])
@@ -155,10 +155,10 @@ def _read_rate(store: str) -> float:
 
     reader = CacheReader(store)
     n = reader.layout.count
-    reader.read("v0", 0)
+    reader.read("v0", 0, dequantise_feat=False)  # as the trainer reads: int8 features stay int8
     t = time.perf_counter()
     for i in range(n):
-        reader.read("v0", i)
+        reader.read("v0", i, dequantise_feat=False)
     return n / (time.perf_counter() - t)
 
 

@@ -107,7 +107,8 @@ class DistillDataset(Dataset):
             "sample": i,
         }
         if self.reader is not None:
-            cached = self.reader.read(view.key, i)
+            # int8 feature maps stay int8 here: the distiller dequantises only the positions it uses
+            cached = self.reader.read(view.key, i, dequantise_feat=False)
             if cached.fingerprint != s.fingerprint:
                 raise UserError(
                     f"sample {i} ({self.index.images[i].name}), view {view.key}: the replayed image differs from the "
@@ -119,6 +120,8 @@ class DistillDataset(Dataset):
                 out["teacher_mask"] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in cached.mask.values()]).astype(np.float32))
             for lvl, f in cached.feat.items():
                 out[f"teacher_feat_{lvl}"] = torch.from_numpy(f)
+            for lvl, scale in (cached.feat_scale or {}).items():
+                out[f"teacher_scale_{lvl}"] = torch.from_numpy(scale)
         return out
 
     @staticmethod
@@ -143,9 +146,7 @@ class DistillLoss(v8DetectionLoss):
         bs = preds["boxes"].shape[0]
         det, items = self.get_assigned_targets_and_loss(preds, batch)[1:]
         if "teacher_head" in batch:
-            feats = {k[len("teacher_feat_") :]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
-            teacher = TeacherBatch(batch["teacher_head"], feats, batch.get("teacher_mask"))
-            terms = self.distiller(preds, teacher, self.student_levels)
+            terms = self.distiller(preds, TeacherBatch.from_batch(batch), self.student_levels)
         else:  # a batch without teacher tensors (validation): the terms read zero
             terms = {k: det.new_zeros(()) for k in self.distiller.item_names}
         loss = torch.cat([det, *(v.reshape(1) for v in terms.values())])

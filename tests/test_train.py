@@ -108,8 +108,7 @@ def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     torch.manual_seed(0)
     preds = student(batch["img"].float() / 255)
-    feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
-    from_cache = distiller(preds, TeacherBatch(batch["teacher_head"], feats), levels)
+    from_cache = distiller(preds, TeacherBatch.from_batch(batch), levels)
     live = t(batch["img"].float() / 255)
     from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
     assert set(from_cache) == {"kd_cls", "kd_box", "kd_feat"}
@@ -137,8 +136,9 @@ def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     torch.manual_seed(0)
     preds = student(batch["img"].float() / 255)
-    feats = {k[len("teacher_feat_"):]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
-    from_cache = distiller(preds, TeacherBatch(batch["teacher_head"], feats, batch["teacher_mask"]), levels)
+    teacher = TeacherBatch.from_batch(batch)
+    assert teacher.mask is not None and teacher.feat_scale and all(f.dtype == torch.int8 for f in teacher.feats.values())
+    from_cache = distiller(preds, teacher, levels)
     live = t(batch["img"].float() / 255)
     from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
     a = float(sum(from_cache.values()).detach())

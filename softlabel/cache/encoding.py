@@ -27,6 +27,7 @@ class Decoded:
     head: dict[str, np.ndarray]  # level -> [4*reg_max + nc, H, W], float16 or float32
     feat: dict[str, np.ndarray]  # level -> [C, H, W]
     mask: dict[str, np.ndarray] | None  # level -> [H, W] bool, True where the head was kept (sparse only)
+    feat_scale: dict[str, np.ndarray] | None = None  # level -> [C]: feat holds int8, not yet dequantised
 
 
 def stored_dtype(precision: str) -> str:
@@ -143,8 +144,11 @@ def encode_shard(raw: dict[str, np.ndarray], layout) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_sample(stored: dict[str, np.ndarray], layout) -> Decoded:
-    """One sample's stored arrays (keys as encode_shard's, without the sample axis) -> tensors per level."""
+def decode_sample(stored: dict[str, np.ndarray], layout, dequantise_feat: bool = True) -> Decoded:
+    """One sample's stored arrays (keys as encode_shard's, without the sample axis) -> tensors per level.
+
+    With dequantise_feat=False an int8 store's feature maps stay int8 with their scales beside them
+    (Decoded.feat_scale): a trainer dequantises a whole batch at once, or only the positions it uses."""
     p = layout.precision
     head: dict[str, np.ndarray] = {}
     mask = None
@@ -159,5 +163,8 @@ def decode_sample(stored: dict[str, np.ndarray], layout) -> Decoded:
     else:
         for lvl in layout.head:
             head[lvl] = dequantise(stored[f"head/{lvl}"], p, stored.get(f"head_scale/{lvl}"), channel_axis=0)
+    if p == "int8" and not dequantise_feat:
+        feat = {lvl: stored[f"feat/{lvl}"] for lvl in layout.feat}
+        return Decoded(head=head, feat=feat, mask=mask, feat_scale={lvl: stored[f"feat_scale/{lvl}"] for lvl in layout.feat})
     feat = {lvl: dequantise(stored[f"feat/{lvl}"], p, stored.get(f"feat_scale/{lvl}"), channel_axis=0) for lvl in layout.feat}
     return Decoded(head=head, feat=feat, mask=mask)

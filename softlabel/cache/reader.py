@@ -20,6 +20,7 @@ class CachedSample:
     feat: dict[str, np.ndarray]  # level -> [C, H, W]
     fingerprint: bytes
     mask: dict[str, np.ndarray] | None = None  # sparse heads: level -> [H, W], True where the teacher's head was kept
+    feat_scale: dict[str, np.ndarray] | None = None  # read with dequantise_feat=False from an int8 store: level -> [C]
 
 
 class CacheReader:
@@ -73,15 +74,17 @@ class CacheReader:
     def fingerprint(self, view: str, index: int) -> bytes:
         return self._sample(fingerprint_path(view), index).tobytes()
 
-    def read(self, view: str, index: int) -> CachedSample:
+    def read(self, view: str, index: int, dequantise_feat: bool = True) -> CachedSample:
+        """One sample-view's teacher tensors; see decode_sample for dequantise_feat."""
         if view not in self.layout.views:
             raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
         if view not in self._stored_names:  # the hot path: work the names out once per view
             self._stored_names[view] = [(name, name[len(view) + 1 :]) for name in self.layout.stored(view)]
         stored = {short: self._sample(name, index) for name, short in self._stored_names[view]}
-        decoded = decode_sample(stored, self.layout)
+        decoded = decode_sample(stored, self.layout, dequantise_feat)
         fingerprint = self._sample(fingerprint_path(view), index).tobytes()
-        return CachedSample(head=decoded.head, feat=decoded.feat, fingerprint=fingerprint, mask=decoded.mask)
+        return CachedSample(head=decoded.head, feat=decoded.feat, fingerprint=fingerprint, mask=decoded.mask,
+                            feat_scale=decoded.feat_scale)
 
     def _fast(self, path: str) -> ShardedSampleReader | None:
         if path not in self._fast_readers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["FeatureAdapters", "ADAPTERS"]
@@ -56,20 +57,33 @@ class FeatureAdapters(nn.Module):
             raise ValueError(f"student gave {len(feats)} feature levels, teacher {len(teacher_feats)}")
         out = []
         for level, (conv, f) in enumerate(zip(self.convs, feats)):
-            cin, cout = self.student_channels[level], self.teacher_channels[level]
+            cin = self.student_channels[level]
             if f.ndim != 4 or f.shape[1] != cin:
                 raise ValueError(f"level {level}: expected student map [B, {cin}, H, W], got {tuple(f.shape)}")
             if teacher_feats is not None:
-                t = teacher_feats[level]
-                if t.ndim != 4 or t.shape[0] != f.shape[0] or t.shape[2:] != f.shape[2:]:
-                    raise ValueError(
-                        f"level {level}: student map {tuple(f.shape)} and teacher map {tuple(t.shape)} "
-                        "differ in batch or spatial size"
-                    )
-                if t.shape[1] != cout:
-                    raise ValueError(
-                        f"level {level}: adapter outputs {cout} channels, "
-                        f"teacher map {tuple(t.shape)} has {t.shape[1]}"
-                    )
+                self.check_teacher(level, f, teacher_feats[level])
             out.append(conv(f))
         return out
+
+    def check_teacher(self, level: int, student_map: Tensor, teacher_map: Tensor) -> None:
+        """Raise unless the teacher's map has the student map's batch and spatial size and the adapter's output channels."""
+        f, t, cout = student_map, teacher_map, self.teacher_channels[level]
+        if t.ndim != 4 or t.shape[0] != f.shape[0] or t.shape[2:] != f.shape[2:]:
+            raise ValueError(
+                f"level {level}: student map {tuple(f.shape)} and teacher map {tuple(t.shape)} differ in batch or spatial size"
+            )
+        if t.shape[1] != cout:
+            raise ValueError(f"level {level}: adapter outputs {cout} channels, teacher map {tuple(t.shape)} has {t.shape[1]}")
+
+    def rows(self, level: int, x: Tensor) -> Tensor:
+        """Project student feature vectors ``x`` ``[N, C_student]`` (positions gathered from level
+        ``level``) to ``[N, C_teacher]``: the same layers as ``forward``, as matrix products."""
+        cin = self.student_channels[level]
+        if x.ndim != 2 or x.shape[1] != cin:
+            raise ValueError(f"level {level}: expected student rows [N, {cin}], got {tuple(x.shape)}")
+        projector = self.convs[level]
+        for layer in projector if isinstance(projector, nn.Sequential) else [projector]:
+            # a 1x1 convolution is a linear map over channels; F.linear skips the convolution path,
+            # which on CPU is several times slower for these shapes
+            x = F.linear(x, layer.weight.flatten(1), layer.bias) if isinstance(layer, nn.Conv2d) else layer(x)
+        return x

@@ -32,6 +32,7 @@ class Term:
     levels: tuple[str, ...] | None = None  # feature levels; None means every cached level
     adapter: str = "conv"  # feature term: the student-to-teacher projector, see FeatureAdapters
     level_balance: str = "equal"  # feature term: how levels share the term, see Distiller
+    positions: int | None = None  # feature term: the teacher's top-k anchors per image; None means every position
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class DistillConfig:
             if name == "feat":
                 out[name]["adapter"] = t.adapter
                 out[name]["level_balance"] = t.level_balance
+                out[name]["positions"] = "all" if t.positions is None else t.positions
         out["schedule"] = dataclasses.asdict(self.schedule)
         return out
 
@@ -92,7 +94,15 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
             chosen[key] = str(spec.pop(key, default))
             if chosen[key] not in valid:
                 raise UserError(f"{source}: 'feat': unknown {key} '{chosen[key]}'; valid: {', '.join(valid)}")
-        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None, **chosen)
+        if "positions" in spec and name != "feat":
+            raise UserError(f"{source}: 'positions' applies to 'feat' only")
+        positions = _positions(spec.pop("positions", "all"), source)
+        if positions is not None and not getattr(LOSSES[loss], "accepts_rows", False):
+            rows = sorted(k for k, v in LOSSES.items() if getattr(v, "accepts_rows", False))
+            raise UserError(f"{source}: 'feat': loss '{loss}' needs whole feature maps, so 'positions' must be 'all' "
+                            f"(losses that take selected positions: {', '.join(rows)})")
+        terms[name] = Term(loss, weight, spec, tuple(str(v).lower() for v in levels) if levels else None, **chosen,
+                           positions=positions)
     sched = raw.get("schedule") or {}
     valid = {f.name for f in dataclasses.fields(DistillSchedule)}
     bad = set(sched) - valid
@@ -108,6 +118,14 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
         if name != "feat" or terms[name].loss != "mgd":  # mgd needs the channel count, checked when built
             config.build(name)
     return config
+
+
+def _positions(raw: Any, source: str) -> int | None:
+    if isinstance(raw, str) and raw.strip().lower() == "all":
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise UserError(f"{source}: 'feat': positions must be 'all' or a whole number of anchors per image >= 1, got {raw!r}")
+    return raw
 
 
 def load_distill(path: str | Path | None = None) -> DistillConfig:
