@@ -132,3 +132,28 @@ def test_positions_option_is_checked():
     with pytest.raises(UserError, match="'positions' applies to 'feat' only"):
         parse_distill({"cls": {"loss": "bce", "positions": 64}}, "t.yaml")
     assert parse_distill({"feat": {**FEAT, "positions": "all"}}, "t.yaml").terms["feat"].positions is None
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
+    """With a sparse head's mask the box term is computed on the kept anchors only: the same value and
+    gradient as weighting every anchor by the mask."""
+    from softlabel.distill.losses import build_loss
+
+    cfg = parse_distill({"box": {"loss": "ld", "temperature": 2.0, "confidence_weighted": weighted}}, "t.yaml")
+    d = Distiller(cfg, REG_MAX, LEVELS, S_CH, LEVELS, T_CH)
+    student, teacher = _inputs(seed=3)
+    student["boxes"] = torch.randn_like(student["boxes"]).requires_grad_()
+    teacher.head[:, : 4 * REG_MAX] = torch.randn_like(teacher.head[:, : 4 * REG_MAX])
+    teacher.mask = (torch.rand(teacher.head.shape[0], ANCHORS, generator=torch.Generator().manual_seed(4)) < 0.3).float()
+    kd = d(student, teacher, LEVELS)["kd_box"]
+    kd.backward()
+    conf = teacher.head[:, 4 * REG_MAX :].sigmoid().amax(1)
+    boxes = student["boxes"].detach().clone().requires_grad_()
+    full = build_loss("ld", temperature=2.0, confidence_weighted=weighted)(
+        boxes, teacher.head[:, : 4 * REG_MAX], (conf if weighted else 1) * teacher.mask)
+    full.backward()
+    assert float(kd.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(student["boxes"].grad, boxes.grad, rtol=1e-4, atol=1e-8)
+    teacher.mask.zero_()  # no kept anchor at all: the term is 0, not NaN
+    assert float(d(student, teacher, LEVELS)["kd_box"].detach()) == 0

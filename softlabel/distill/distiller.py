@@ -117,10 +117,15 @@ class Distiller(nn.Module):
         if "box" in self.losses:
             loss = self.losses["box"]
             weight = t_conf if getattr(loss, "confidence_weighted", False) else None
+            s_boxes = student["boxes"]
             if teacher.mask is not None:
-                mask = teacher.mask.to(t_boxes.dtype)
-                weight = mask if weight is None else weight * mask
-            out["kd_box"] = self.weights["box"] * loss(student["boxes"], t_boxes, weight)
+                # a sparse head: reconstructed anchors weigh 0, so the term is computed on the kept
+                # anchors alone, gathered as one [1, C, N] batch (the same weighted mean, far fewer anchors)
+                b, a = (teacher.mask > 0).nonzero(as_tuple=True)
+                s_boxes, t_boxes = s_boxes[b, :, a].T[None], t_boxes[b, :, a].T[None]
+                kept = teacher.mask[b, a].to(t_boxes.dtype)
+                weight = (kept if weight is None else weight[b, a] * kept)[None]
+            out["kd_box"] = self.weights["box"] * loss(s_boxes, t_boxes, weight)
         if self.feat_levels:
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
             conf = self._level_confidence(t_conf, student["feats"], student_levels) if t_conf is not None else None
