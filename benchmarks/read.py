@@ -10,6 +10,9 @@ Consumption: images per second one training step of the student takes in: forwar
 detection loss plus the distillation terms (DistillLoss), backward and an SGD step, on a real
 batch from the cache already on the device (AMP on CUDA, as Ultralytics trains).
 
+Reference: samples per second of Ultralytics' own YOLODataset (its mosaic, affine, HSV and flips)
+on the same images, 0 workers, as plain training reads them on CPU.
+
 On CPU both run with the thread count Ultralytics' trainer sets (torch.set_num_threads).
 """
 
@@ -107,6 +110,31 @@ def delivery_rate(dataset, args, workers: int, cuda: bool) -> tuple[float, dict]
     return samples / seconds, first
 
 
+def plain_rate(data: str, args) -> float:
+    """Samples per second of Ultralytics' own training dataset (YOLODataset: load, mosaic, affine,
+    HSV, flips) on the same images and image size, 0 workers: what plain training reads at."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    cfg = get_cfg(overrides={"imgsz": args.imgsz, "batch": args.batch, "close_mosaic": 0, "verbose": False})
+    info = check_det_dataset(data)
+    dataset = build_yolo_dataset(cfg, info["train"], args.batch, info, mode="train", stride=32)
+    loader = build_dataloader(dataset, args.batch, workers=0, shuffle=True, pin_memory=False, device="cpu")
+    samples, start, first = 0, 0.0, True
+    try:
+        for _ in range(args.epochs):
+            for batch in loader:
+                if first:
+                    first, start = False, time.perf_counter()
+                else:
+                    samples += batch["img"].shape[0]
+        seconds = time.perf_counter() - start
+    finally:
+        loader.close()
+    return samples / seconds
+
+
 def student_rate(batch: dict, args, attrs: dict, device) -> float:
     """Images per second one full training step of the student consumes."""
     import torch
@@ -184,6 +212,8 @@ def main() -> None:
             rates[str(w)], first = delivery_rate(dataset, args, w, cuda)
             batch = batch or first
             print(f"{w} workers: {rates[str(w)]:.1f} samples/s", flush=True)
+        plain = plain_rate(data, args)
+        print(f"Ultralytics' YOLODataset, 0 workers: {plain:.1f} samples/s", flush=True)
         consumes = student_rate(batch, args, attrs, device)
         print(f"student step: {consumes:.1f} images/s", flush=True)
         threads = torch.get_num_threads()
@@ -201,6 +231,7 @@ def main() -> None:
                      "codec": attrs["storage"]["codec"].get("preset"), "torch_threads": threads},
         "samples_per_sec": rates,
         "student_consumes_per_sec": consumes,
+        "plain_dataset_samples_per_sec": plain,  # Ultralytics' YOLODataset, same images, 0 workers
         "delivery_over_consumption": {w: r / consumes for w, r in rates.items()},
     }
     out = common.write_json(args.out, result)
@@ -208,6 +239,7 @@ def main() -> None:
     rows = [[w, r, r / consumes, "yes" if r >= consumes else "no"] for w, r in rates.items()]
     footer = [
         f"student {args.student} step (forward + DistillLoss + backward + SGD, batch {args.batch}): {consumes:.1f} images/s",
+        f"Ultralytics' own YOLODataset on the same images, 0 workers: {plain:.1f} samples/s (what plain training reads at)",
         f"torch threads {threads}; {args.epochs} epoch(s) of {n} samples per worker count, first batch untimed",
         f"written to {out}",
     ]
