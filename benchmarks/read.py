@@ -91,23 +91,27 @@ def make_loader(dataset, batch: int, workers: int, seed: int, cuda: bool):
     )
 
 
-def delivery_rate(dataset, args, workers: int, cuda: bool) -> tuple[float, dict]:
-    """Samples per second after the first batch; also returns that first batch for the student step."""
-    loader = make_loader(dataset, args.batch, workers, args.seed, cuda)
+def loader_rate(loader, epochs: int) -> tuple[float, dict]:
+    """Samples per second a loader delivers after its first batch; also returns that first batch."""
     first, samples, start = None, 0, 0.0
     try:
-        for _ in range(args.epochs):
+        for _ in range(epochs):
             for batch in loader:
                 if first is None:  # workers are up and the pipeline is primed from here on
                     first, start = batch, time.perf_counter()
                 else:
-                    samples += len(batch["sample"])
+                    samples += batch["img"].shape[0]
         seconds = time.perf_counter() - start
     finally:
         loader.close()  # persistent workers would otherwise outlive the measurement
     if samples == 0:
         raise SystemExit("too few batches to time: raise --images or --epochs, or lower --batch")
     return samples / seconds, first
+
+
+def delivery_rate(dataset, args, workers: int, cuda: bool) -> tuple[float, dict]:
+    """The training dataset's samples per second; also returns its first batch for the student step."""
+    return loader_rate(make_loader(dataset, args.batch, workers, args.seed, cuda), args.epochs)
 
 
 def plain_rate(data: str, args) -> float:
@@ -121,18 +125,7 @@ def plain_rate(data: str, args) -> float:
     info = check_det_dataset(data)
     dataset = build_yolo_dataset(cfg, info["train"], args.batch, info, mode="train", stride=32)
     loader = build_dataloader(dataset, args.batch, workers=0, shuffle=True, pin_memory=False, device="cpu")
-    samples, start, first = 0, 0.0, True
-    try:
-        for _ in range(args.epochs):
-            for batch in loader:
-                if first:
-                    first, start = False, time.perf_counter()
-                else:
-                    samples += batch["img"].shape[0]
-        seconds = time.perf_counter() - start
-    finally:
-        loader.close()
-    return samples / seconds
+    return loader_rate(loader, args.epochs)[0]
 
 
 def student_rate(batch: dict, args, attrs: dict, device) -> float:

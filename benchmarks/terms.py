@@ -34,9 +34,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--head-topk", type=int, default=64, help="anchors per image a sparse head keeps; 0: dense head, no mask (default: 64)")
     p.add_argument("--configs", nargs="*", default=[str(c) for c in CONFIGS],
                    help="distillation configs to time (default: configs/distill/default, accurate, logits_only)")
-    p.add_argument("--breakdown", action="store_true", default=True,
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each term of the first config alone, and it with every feature position (default: on)")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="time the configs only")
     p.add_argument("--repeats", type=int, default=40, help="timed rounds over the configs, after 5 untimed (default: 40)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: what Ultralytics' trainer sets, cores-1 up to 8)")
     p.add_argument("--device", default="cpu", help="cpu, 0, 1, ... (default: cpu)")
@@ -54,8 +53,8 @@ def variants(args) -> dict[str, dict]:
 
     out = {Path(c).stem: read_mapping(Path(c), "distillation config") for c in args.configs}
     if args.breakdown and args.configs:
-        first = out[Path(args.configs[0]).stem]
         name = Path(args.configs[0]).stem
+        first = out[name]
         for term in ("cls", "box", "feat"):
             if first.get(term):
                 out[f"{name}: {term} alone"] = {term: first[term], "schedule": first.get("schedule") or {}}

@@ -95,22 +95,29 @@ def test_other_seed_is_stopped_naming_sample_and_view(cache, dataset):
         ds[(3, 1)]
 
 
-def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
-    """Contract 3: on the same batch, distillation from the cache equals distillation from the live teacher."""
+def _cache_and_live_terms(batch: dict, teacher_path) -> tuple[TeacherBatch, dict, dict]:
+    """The default distillation terms of one yolov8n student on `batch`: from the batch's cached
+    teacher tensors and from the live teacher on the same images. Also returns the cached TeacherBatch."""
     from ultralytics.nn.tasks import DetectionModel
 
-    reader = CacheReader(str(cache))
-    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(4, 1, 2, 1), reader)
-    batch = _batch(ds, [(i, 1) for i in range(6)])
     student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
     levels, channels, reg_max, _, _ = student_levels(student)
-    t = Teacher.load(v8s_teacher)
+    t = Teacher.load(teacher_path)
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     torch.manual_seed(0)
     preds = student(batch["img"].float() / 255)
-    from_cache = distiller(preds, TeacherBatch.from_batch(batch), levels)
+    cached = TeacherBatch.from_batch(batch)
+    from_cache = distiller(preds, cached, levels)
     live = t(batch["img"].float() / 255)
     from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
+    return cached, from_cache, from_live
+
+
+def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
+    """Contract 3: on the same batch, distillation from the cache equals distillation from the live teacher."""
+    reader = CacheReader(str(cache))
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(4, 1, 2, 1), reader)
+    _, from_cache, from_live = _cache_and_live_terms(_batch(ds, [(i, 1) for i in range(6)]), v8s_teacher)
     assert set(from_cache) == {"kd_cls", "kd_box", "kd_feat"}
     for key in from_cache:
         a, b = float(from_cache[key].detach()), float(from_live[key].detach())
@@ -120,8 +127,6 @@ def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
 
 def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_teacher):
     """Contract 3 for the default store (int8, sparse head): the loss stays within 1% of the live teacher's."""
-    from ultralytics.nn.tasks import DetectionModel
-
     out = tmp_path / "default.zarr"
     r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
                 "--views", 1, "--close-views", 0, "--quiet")
@@ -129,18 +134,8 @@ def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_
     reader = CacheReader(str(out))
     assert reader.attrs["storage"]["precision"] == "int8" and reader.attrs["storage"]["head_sparse"]
     ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 0), reader)
-    batch = _batch(ds, [(i, 0) for i in range(6)])
-    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
-    levels, channels, reg_max, _, _ = student_levels(student)
-    t = Teacher.load(v8s_teacher)
-    distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
-    torch.manual_seed(0)
-    preds = student(batch["img"].float() / 255)
-    teacher = TeacherBatch.from_batch(batch)
+    teacher, from_cache, from_live = _cache_and_live_terms(_batch(ds, [(i, 0) for i in range(6)]), v8s_teacher)
     assert teacher.mask is not None and teacher.feat_scale and all(f.dtype == torch.int8 for f in teacher.feats.values())
-    from_cache = distiller(preds, teacher, levels)
-    live = t(batch["img"].float() / 255)
-    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
     a = float(sum(from_cache.values()).detach())
     b = float(sum(from_live.values()).detach())
     assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)
