@@ -11,7 +11,7 @@ from softlabel.errors import UserError
 
 
 class _Group(click.Group):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    """Bad input ends in one line on stderr and exit code 2, never a traceback or a usage block."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -20,14 +20,41 @@ class _Group(click.Group):
             click.echo(f"softlabel: error: {_one_line(str(e))}", err=True)
             sys.exit(2)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "softlabel"
+            click.echo(f"{where}: error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 def _one_line(message: str) -> str:
     """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback:
     keep only the original message, its last line."""
     if "Traceback" not in message:
-        return message
+        return " ".join(message.split())
     last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
     return last.split("UserError: ", 1)[-1]
+
+
+def _imgsz(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and (value < 32 or value % 32):
+        raise click.BadParameter(f"{value} is not a positive multiple of 32", ctx, param)
+    return value
+
+
+def _train_batch(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value != -1 and value < 1:
+        raise click.BadParameter(f"{value}: give 1 or more, or -1 for Ultralytics' choice from GPU memory", ctx, param)
+    return value
 
 
 def _levels(value: str | None) -> list[str] | None:
@@ -46,12 +73,12 @@ def main() -> None:
 @click.option("--teacher", required=True, help="Ultralytics detection checkpoint (.pt) of the teacher, e.g. yolov8x.pt.")
 @click.option("--data", required=True, help="Ultralytics data.yaml; its 'train' split is replayed and cached.")
 @click.option("--out", required=True, help="Cache store to write: a folder (cache.zarr) or an fsspec URL (s3://..., memory://...).")
-@click.option("--views", default=1, show_default=True, help="Mosaic views per image; student epoch e replays view e mod VIEWS.")
-@click.option("--close-views", default=1, show_default=True, help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
-@click.option("--imgsz", default=640, show_default=True, help="Square input size of teacher and students (multiple of 32).")
-@click.option("--batch", default=16, show_default=True, help="Teacher batch size.")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS.")
+@click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
+@click.option("--imgsz", default=640, show_default=True, callback=_imgsz, help="Square input size of teacher and students (multiple of 32).")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Teacher batch size.")
 @click.option("--device", default="cpu", show_default=True, help="Teacher device: cpu, 0, 1, ... or cuda:N (AMP on CUDA).")
-@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes replaying augmentations.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes replaying augmentations.")
 @click.option("--seed", default=0, show_default=True, help="Augmentation seed; students replay the same seed.")
 @click.option("--augment", "augment", default=None, help="Augmentation YAML [default: configs/augment/default.yaml, Ultralytics' defaults].")
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
@@ -59,13 +86,15 @@ def main() -> None:
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
-@click.option("--head-topk", default=64, show_default=True, type=int,
+@click.option("--head-topk", default=64, show_default=True, type=click.IntRange(min=0),
               help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
               help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0].")
-@click.option("--shard-size", default=16, show_default=True, help="Samples per shard (the unit of writing and of resume).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
+@click.option("--shard-size", default=16, show_default=True, type=click.IntRange(min=1), help="Samples per shard (the unit of writing and of resume).")
+@click.option("--overwrite", is_flag=True,
+              help="Delete the softlabel cache at --out and start over. Only a softlabel cache is ever deleted: "
+                   "a folder or file holding anything else is refused and left untouched.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, quiet):
     """Run the teacher once over replayed augmentations and cache its outputs.
@@ -102,7 +131,7 @@ def info(store, as_json):
 
 @main.command()
 @click.argument("store")
-@click.option("--samples", default=16, show_default=True, help="Replayed samples to re-run the teacher on, spread over all views.")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(min=0), help="Replayed samples to re-run the teacher on, spread over all views.")
 @click.option("--teacher", default=None, help="Teacher checkpoint [default: the path recorded in the store]; must have the recorded sha256.")
 @click.option("--data", default=None, help="data.yaml [default: the path recorded in the store].")
 @click.option("--device", default="cpu", show_default=True, help="Device for the teacher: cpu, 0, cuda:N.")
@@ -128,35 +157,33 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
 @click.option("--data", required=True, help="Ultralytics data.yaml: the same data the cache was dumped from.")
-@click.option("--epochs", default=100, show_default=True, help="Training epochs (Ultralytics' meaning).")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1), help="Training epochs (Ultralytics' meaning).")
 @click.option("--distill", "distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
-@click.option("--imgsz", default=None, type=int, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
-@click.option("--batch", default=16, show_default=True, help="Batch size (Ultralytics' meaning).")
+@click.option("--imgsz", default=None, type=int, callback=_imgsz, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
+@click.option("--batch", default=16, show_default=True, callback=_train_batch, help="Batch size (Ultralytics' meaning: -1 picks one from GPU memory).")
 @click.option("--device", default=None, help="cpu, 0, 0,1 (DDP), ... (Ultralytics' meaning) [default: Ultralytics' choice].")
-@click.option("--workers", default=8, show_default=True, help="DataLoader workers replaying and reading the cache (forced to 0 on CPU by Ultralytics).")
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=0), help="DataLoader workers replaying and reading the cache (forced to 0 on CPU by Ultralytics).")
 @click.option("--seed", default=0, show_default=True, help="Training seed (initialisation, shuffling); the replay seed comes from the cache.")
-@click.option("--close-mosaic", default=10, show_default=True, help="Last N epochs replay closing (no-mosaic) views.")
+@click.option("--close-mosaic", default=10, show_default=True, type=click.IntRange(min=0), help="Last N epochs replay closing (no-mosaic) views.")
 @click.option("--project", default=None, help="Ultralytics project folder for runs.")
 @click.option("--name", default=None, help="Run name (one per student, suffixed with the student when several).")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Ultralytics' training plots (fetch a font on first use).")
-@click.option("--views", default=1, show_default=True, help="Online mode: mosaic views to cycle through, as a dump would.")
-@click.option("--close-views", default=1, show_default=True, help="Online mode: closing views, as a dump would.")
+@click.option("--views", default=1, show_default=True, type=click.IntRange(min=1), help="Online mode: mosaic views to cycle through, as a dump would.")
+@click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Online mode: closing views, as a dump would.")
 @click.option("--augment", default=None, help="Online mode: augmentation YAML [default: configs/augment/default.yaml].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
 def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
     """Train one or more students against a cache (or a live teacher), then print a table."""
+    from softlabel.checks import check_student
     from softlabel.distill.config import load_distill
     from softlabel.train import render_table, train_students
 
     if bool(cache) == bool(teacher):
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
-    load_distill(distill)  # a bad config stops here, before any model is built
-    if cache:
-        from softlabel.cache.store import read_attrs
-
-        cache_imgsz = int(read_attrs(cache)["augment"]["imgsz"])
-        imgsz = imgsz or cache_imgsz
-    imgsz = imgsz or 640
+    load_distill(distill)  # a bad config stops here, before any model is built or any run folder made
+    imgsz = _check_train_sources(cache, teacher, data, imgsz)
+    for student in students:
+        check_student(student)
     settings = dict(cache=cache, teacher_path=teacher, distill_config=distill, replay_seed=replay_seed,
                     augment_config=augment, views=views, close_views=close_views)
     args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
@@ -164,6 +191,29 @@ def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device,
     args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})
     rows = train_students(list(students), settings, **args)
     click.echo(render_table(rows))
+
+
+def _check_train_sources(cache: str | None, teacher: str | None, data: str, imgsz: int | None) -> int:
+    """The cache (or live teacher) against the data and image size, before anything is written; returns imgsz."""
+    from softlabel.checks import check_class_names
+    from softlabel.data import load_data_yaml
+
+    spec = load_data_yaml(data)
+    if cache:
+        from softlabel.cache.reader import CacheReader
+
+        reader = CacheReader(cache)
+        recorded = int(reader.attrs["augment"]["imgsz"])
+        if imgsz is not None and imgsz != recorded:
+            raise UserError(f"{cache}: the cache was dumped at imgsz {recorded} but --imgsz is {imgsz}")
+        check_class_names(reader.attrs["teacher"]["names"], list(spec.names), cache, spec.yaml_path)
+        reader.require_complete()
+        return recorded
+    from softlabel.teacher import load_model
+
+    _, info = load_model(teacher)
+    check_class_names(info.names, list(spec.names), teacher, spec.yaml_path)
+    return imgsz or 640
 
 
 @main.command()

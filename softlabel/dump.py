@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from softlabel.cache.encoding import PRECISIONS, stored_dtype
 from softlabel.cache.lock import DumpLock
 from softlabel.cache.schema import Layout, build_attrs, feat_path, head_path, settings_diff
 from softlabel.cache.writer import CacheWriter
+from softlabel.checks import check_class_names, check_out_outside_data
 from softlabel.data import build_index, load_data_yaml
 from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
@@ -149,7 +151,29 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
         "levels": levels if settings.features else [],
     }
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return build_attrs(teacher, data, aug, storage, softlabel.__version__, created)
+    attrs = build_attrs(teacher, data, aug, storage, softlabel.__version__, created)
+    attrs["command"] = dump_command(settings, teacher["path"], str(spec.yaml_path))
+    return attrs
+
+
+def dump_command(settings: DumpSettings, teacher: str, data: str) -> str:
+    """The command line that writes (and resumes) this store, with absolute paths, for messages that say how to finish it."""
+    out = store.local_path(settings.out)
+    args = ["softlabel", "dump", "--teacher", teacher, "--data", data, "--out", out.absolute() if out else settings.out,
+            "--views", settings.views, "--close-views", settings.close_views, "--imgsz", settings.imgsz,
+            "--batch", settings.batch, "--device", settings.device, "--seed", settings.seed,
+            "--precision", settings.precision, "--head-topk", settings.head_topk or 0, "--shard-size", settings.shard_size,
+            "--codec", settings.codec]
+    if settings.head_topk and settings.head_floor:
+        args += ["--head-floor", settings.head_floor]
+    if settings.augment:
+        augment = Path(settings.augment)
+        args += ["--augment", str(augment.absolute()) if augment.is_file() else settings.augment]
+    if settings.levels:
+        args += ["--levels", ",".join(settings.levels)]
+    if not settings.features:
+        args.append("--no-features")
+    return shlex.join(str(a) for a in args)
 
 
 def resolve_head(settings: DumpSettings) -> DumpSettings:
@@ -166,8 +190,14 @@ def prepare(settings: DumpSettings):
         raise UserError("--views must be at least 1")
     if settings.close_views < 0:
         raise UserError("--close-views must be 0 or more")
-    if settings.batch < 1 or settings.shard_size < 1:
-        raise UserError("--batch and --shard-size must be at least 1")
+    if settings.batch < 1:
+        raise UserError(f"--batch {settings.batch}: must be at least 1")
+    if settings.shard_size < 1:
+        raise UserError(f"--shard-size {settings.shard_size}: must be at least 1")
+    if settings.workers < 0:
+        raise UserError(f"--workers {settings.workers}: must be 0 (replay in the main process) or more")
+    if settings.imgsz < 32 or settings.imgsz % 32:
+        raise UserError(f"--imgsz {settings.imgsz}: must be a positive multiple of 32")
     if settings.precision not in PRECISIONS:
         raise UserError(f"--precision {settings.precision}: valid precisions are {', '.join(PRECISIONS)}")
     if settings.head_topk is not None and settings.head_topk < 0:
@@ -178,13 +208,13 @@ def prepare(settings: DumpSettings):
         raise UserError("--head-floor needs a sparse head (--head-topk K, K > 0)")
     resolve_head(settings)
     codec_choice(settings.codec)
+    store.require_writable(settings.out, settings.overwrite)
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)
     device = resolve_device(settings.device)
     teacher = Teacher.load(settings.teacher, device=device)
     info = teacher.info
-    if info.nc != spec.nc:
-        raise UserError(f"{settings.teacher}: teacher predicts {info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
+    check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)
     unknown = [lvl for lvl in levels if lvl not in info.levels]
     if unknown:
@@ -193,6 +223,7 @@ def prepare(settings: DumpSettings):
     if settings.imgsz % max(info.strides):
         raise UserError(f"--imgsz {settings.imgsz} must be a multiple of the teacher's largest stride {max(info.strides)}")
     index = build_index(spec, "train")
+    check_out_outside_data(settings.out, index)
     attrs = _dump_attrs(settings, info, spec, index, augment, levels)
     replay = Replay(index, augment, settings.imgsz, settings.seed)
     return teacher, replay, attrs
@@ -201,10 +232,8 @@ def prepare(settings: DumpSettings):
 def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str]):
     """Create the store, or reopen it for a resume after checking that every setting matches."""
     layout = Layout.from_attrs(attrs)
-    if store.exists(out):
-        found = store.open_group(out)
-        existing = dict(found.attrs)
-        half_made = existing.get("creating") or (not existing and not list(found.keys()))  # a crash during creation
+    if store.require_writable(out, overwrite).kind == "store":
+        half_made = bool(dict(store.open_group(out).attrs).get("creating"))  # a crash during creation
         if overwrite or half_made:
             store.remove(out)
         else:

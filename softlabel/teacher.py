@@ -121,7 +121,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, TeacherInfo]:
     """Read a checkpoint from disk and refuse anything that is not a supported detector."""
     path = Path(path)
     model, _ = read_checkpoint(path, "teacher")
-    info = describe(model, str(path), file_sha256(path))
+    # stored absolute, so verify and train find it from any working folder
+    info = describe(model, str(path.expanduser().absolute()), file_sha256(path))
     return model, info
 
 

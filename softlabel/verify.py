@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import torch
 
 from softlabel.augment import AugmentConfig
+from softlabel.cache.presence import check_shard, shard_key
 from softlabel.cache.reader import CacheReader
 from softlabel.cache.schema import fingerprint_path
 from softlabel.data import build_index, load_data_yaml
@@ -29,6 +31,11 @@ class TensorError:
 
 @dataclass
 class VerifyReport:
+    shards_checked: int = 0  # shard objects whose index was read for presence
+    missing: list[str] = field(default_factory=list)  # "tensor (view v) samples a-b: why"
+    incomplete: dict[str, list[int]] = field(default_factory=dict)  # view -> shards the dump has not finished
+    shards_total: int = 0  # per view
+    resume: str = ""  # the command that finishes an incomplete store
     chunks_checked: int = 0
     corrupt: list[str] = field(default_factory=list)  # "view/tensor sample i: why"
     fingerprints_checked: int = 0
@@ -39,7 +46,51 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt and not self.fingerprint_mismatches and all(t.bad == 0 for t in self.tensors.values())
+        return (
+            not self.missing
+            and not self.incomplete
+            and not self.corrupt
+            and not self.fingerprint_mismatches
+            and all(t.bad == 0 for t in self.tensors.values())
+        )
+
+
+def check_presence(reader: CacheReader, report: VerifyReport) -> None:
+    """Every chunk of every finished shard is in the store: read from the shard indexes, not the data."""
+    layout = reader.layout
+    done = reader.done()
+    fs, root = fsspec.core.url_to_fs(reader.location)
+    root = root.rstrip("/")
+    report.shards_total = layout.n_shards
+    for view in layout.views:
+        unfinished = [int(s) for s in np.flatnonzero(~done[view])]
+        if unfinished:
+            report.incomplete[view] = unfinished
+        names = [*layout.stored(view), fingerprint_path(view)]
+        for shard in np.flatnonzero(done[view]):
+            start, stop = layout.shard_range(int(shard))
+            for name in names:
+                ndim = len(reader._array(name).shape)
+                why = check_shard(fs, f"{root}/{shard_key(name, int(shard), ndim)}", stop - start, layout.shard_size)
+                report.shards_checked += 1
+                if why:
+                    tensor = name[len(view) + 1 :]
+                    report.missing.append(f"{tensor} (view {view}) samples {start}-{stop - 1}, shard {shard}: {why}")
+    paths = reader._array("samples/path")
+    for k in range(-(-paths.shape[0] // paths.chunks[0])):
+        if not fs.exists(f"{root}/samples/path/c/{k}"):
+            report.missing.append(f"samples/path chunk {k}: missing")
+
+
+def _spans(shards: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'"""
+    out, start = [], None
+    for a, b in zip(shards, [*shards[1:], None]):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ", ".join(out)
 
 
 def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
@@ -94,6 +145,9 @@ def run_verify(
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     report = VerifyReport(atol=atol, rtol=rtol)
+    check_presence(reader, report)
+    if report.incomplete:
+        report.resume = attrs.get("command") or "the same 'softlabel dump' command that wrote it"
     if scan:
         scan_chunks(reader, report)
     spec = load_data_yaml(data or attrs["data"]["yaml"])
@@ -140,7 +194,16 @@ def run_verify(
 
 
 def render(report: VerifyReport) -> str:
-    lines = [
+    lines = []
+    if report.incomplete:
+        lines.append(f"complete      NO: the dump has not finished ({report.shards_total} shards per view)")
+        lines += [f"  unfinished  view {v}: shards {_spans(s)}" for v, s in report.incomplete.items()]
+        lines.append(f"  resume with {report.resume}")
+    else:
+        lines.append("complete      yes, every shard of every view is done")
+    lines += [
+        f"presence      {report.shards_checked} shard indexes read, {len(report.missing)} with missing data",
+        *(f"  missing     {m}" for m in report.missing),
         f"checksums     {report.chunks_checked} sample chunks read, {len(report.corrupt)} corrupt",
         *(f"  corrupt     {c}" for c in report.corrupt),
         f"fingerprints  {report.fingerprints_checked - len(report.fingerprint_mismatches)}/{report.fingerprints_checked} match",
@@ -149,5 +212,11 @@ def render(report: VerifyReport) -> str:
     ]
     for name, e in sorted(report.tensors.items()):
         lines.append(f"{name:<12}{e.max_abs:>14.3e}{e.max_rel:>14.3e}  {'ok' if e.bad == 0 else f'{e.bad} samples beyond tolerance'}")
-    lines.append("verify: OK" if report.ok else "verify: FAILED")
+    if report.ok:
+        lines.append("verify: OK")
+    else:
+        why = [w for w, bad in (("incomplete", report.incomplete), ("missing data", report.missing), ("corrupt chunks", report.corrupt),
+                                ("fingerprint mismatches", report.fingerprint_mismatches),
+                                ("values beyond tolerance", any(t.bad for t in report.tensors.values()))) if bad]
+        lines.append(f"verify: FAILED ({', '.join(why)})")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import assert_clean_error, make_dataset, run_cli
+from conftest import NAMES, assert_clean_error, make_dataset, run_cli
 from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
@@ -235,7 +235,7 @@ def test_corrupt_image_and_bad_labels_name_the_file(tmp_path, teacher):
     assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c3.zarr")), f"{label}:2", "class id 7")
     empty = tmp_path / "empty"
     (empty / "images" / "train").mkdir(parents=True)
-    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nnames: [a, b, c]\n")
+    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nnames: [{', '.join(NAMES[:3])}]\n")
     assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "no images")
     for i in range(1, 5):
         assert not (tmp_path / f"c{i}.zarr").exists()

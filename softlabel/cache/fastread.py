@@ -19,12 +19,7 @@ import numpy as np
 from crc32c import crc32c
 from numcodecs import Blosc, Zstd
 
-_EMPTY = 2**64 - 1  # the spec's marker for a chunk that was never written
-
-
-class CorruptChunk(Exception):
-    pass
-
+from softlabel.cache.presence import EMPTY, CorruptChunk, index_nbytes, parse_index
 
 def _decoder(codecs: list[dict]):
     """The bytes-to-bytes chain after 'bytes': optional compressor, then crc32c. None if unexpected."""
@@ -72,12 +67,8 @@ class ShardedSampleReader:
         if shard not in self._index:
             if len(self._index) >= 4096:  # bound the memory a long-lived worker holds
                 self._index.clear()
-            nbytes = self.shard * 16 + 4
-            raw = os.pread(fd, nbytes, size - nbytes)
-            body, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
-            if crc32c(body) != crc:
-                raise CorruptChunk("shard index checksum mismatch")
-            self._index[shard] = np.frombuffer(body, "<u8").reshape(self.shard, 2)
+            nbytes = index_nbytes(self.shard)
+            self._index[shard] = parse_index(os.pread(fd, nbytes, max(0, size - nbytes)), self.shard)
         return self._index[shard]
 
     def read(self, i: int) -> np.ndarray:
@@ -90,7 +81,7 @@ class ShardedSampleReader:
         try:
             size = os.fstat(fd).st_size
             offset, nbytes = (int(v) for v in self._shard_index(shard, fd, size)[row])
-            if offset == _EMPTY:
+            if offset == EMPTY:
                 raise CorruptChunk("chunk never written")
             raw = os.pread(fd, nbytes, offset)
         finally:

@@ -24,7 +24,7 @@ FORMAT = "softlabel-cache"
 SCHEMA_VERSION = 1
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
-_VOLATILE = {"teacher.path", "data.yaml", "data.root", "created", "softlabel_version", "storage.writer"}
+_VOLATILE = {"teacher.path", "data.yaml", "data.root", "created", "softlabel_version", "storage.writer", "command"}
 
 
 @dataclass(frozen=True)
