@@ -205,7 +205,7 @@ def _check_train_sources(cache: str | None, teacher: str | None, data: str, imgs
         reader = CacheReader(cache)
         recorded = int(reader.attrs["augment"]["imgsz"])
         if imgsz is not None and imgsz != recorded:
-            raise UserError(f"{cache}: the cache was dumped at imgsz {recorded} but --imgsz is {imgsz}")
+            raise UserError(f"{cache}: the cache was dumped at imgsz {recorded} but training asks for imgsz {imgsz} (--imgsz)")
         check_class_names(reader.attrs["teacher"]["names"], list(spec.names), cache, spec.yaml_path)
         reader.require_complete()
         return recorded

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +155,7 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
     return attrs
 
 
-def dump_command(settings: DumpSettings, teacher: str, data: str) -> str:
+def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
     """The command line that writes (and resumes) this store, with absolute paths, for messages that say how to finish it."""
     out = store.local_path(settings.out)
     args = ["softlabel", "dump", "--teacher", teacher, "--data", data, "--out", out.absolute() if out else settings.out,
@@ -173,7 +172,7 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> str:
         args += ["--levels", ",".join(settings.levels)]
     if not settings.features:
         args.append("--no-features")
-    return shlex.join(str(a) for a in args)
+    return [str(a) for a in args]
 
 
 def resolve_head(settings: DumpSettings) -> DumpSettings:

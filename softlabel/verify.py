@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 import fsspec
@@ -82,6 +83,16 @@ def check_presence(reader: CacheReader, report: VerifyReport) -> None:
             report.missing.append(f"samples/path chunk {k}: missing")
 
 
+def resume_command(recorded: list[str] | None, location: str) -> str:
+    """The dump's own command line, pointed at the store where it is now (it may have been moved)."""
+    if not recorded:
+        return "the same 'softlabel dump' command that wrote it"
+    argv = list(recorded)
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(location)
+    return shlex.join(argv)
+
+
 def _spans(shards: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'"""
     out, start = [], None
@@ -147,7 +158,7 @@ def run_verify(
     report = VerifyReport(atol=atol, rtol=rtol)
     check_presence(reader, report)
     if report.incomplete:
-        report.resume = attrs.get("command") or "the same 'softlabel dump' command that wrote it"
+        report.resume = resume_command(attrs.get("command"), location)
     if scan:
         scan_chunks(reader, report)
     spec = load_data_yaml(data or attrs["data"]["yaml"])
