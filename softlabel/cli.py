@@ -27,7 +27,7 @@ class _Group(click.Group):
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
-            where = ctx.command_path if ctx is not None else "softlabel"
+            where = f"softlabel {ctx.info_name}" if ctx is not None and ctx.parent is not None else "softlabel"
             click.echo(f"{where}: error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
-@click.option("--head-topk", default=64, show_default=True, type=click.IntRange(min=0),
+@click.option("--head-topk", default=64, show_default=True, type=int,
               help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
