@@ -17,7 +17,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"softlabel: error: {_one_line(str(e))}", err=True)
+            where = f"softlabel {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "softlabel"
+            click.echo(f"{where}: error: {_one_line(str(e))}", err=True)
             sys.exit(2)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
