@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Teacher device: cpu, 0, 1, ... or cuda:N (AMP on CUDA).")
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes replaying augmentations.")
 @click.option("--seed", default=0, show_default=True, help="Augmentation seed; students replay the same seed.")
-@click.option("--augment", "augment", default=None, help="Augmentation YAML [default: configs/augment/default.yaml, Ultralytics' defaults].")
+@click.option("--augment", "augment", default=None, help="Augmentation config: a built-in name (default) or a YAML path [default: default, Ultralytics' defaults].")
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
@@ -129,7 +129,7 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
 @click.option("--data", required=True, help="Ultralytics data.yaml: the same data the cache was dumped from.")
 @click.option("--epochs", default=100, show_default=True, help="Training epochs (Ultralytics' meaning).")
-@click.option("--distill", "distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
+@click.option("--distill", "distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
 @click.option("--imgsz", default=None, type=int, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
 @click.option("--batch", default=16, show_default=True, help="Batch size (Ultralytics' meaning).")
 @click.option("--device", default=None, help="cpu, 0, 0,1 (DDP), ... (Ultralytics' meaning) [default: Ultralytics' choice].")
@@ -141,7 +141,7 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Ultralytics' training plots (fetch a font on first use).")
 @click.option("--views", default=1, show_default=True, help="Online mode: mosaic views to cycle through, as a dump would.")
 @click.option("--close-views", default=1, show_default=True, help="Online mode: closing views, as a dump would.")
-@click.option("--augment", default=None, help="Online mode: augmentation YAML [default: configs/augment/default.yaml].")
+@click.option("--augment", default=None, help="Online mode: augmentation config, a built-in name or a YAML path [default: default].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
 def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
     """Train one or more students against a cache (or a live teacher), then print a table."""
@@ -177,7 +177,7 @@ def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device,
 @click.option("--teacher-model", default=None, help="Teacher model to train: a name or a model .yaml [default: yolov8s].")
 @click.option("--device", default=None, help="Training device: cpu, 0, cuda:N; latency is always measured on the CPU [default: cpu].")
 @click.option("--seed", default=None, type=int, help="Seed of the dataset, the augmentation replay and training [default: 0].")
-@click.option("--distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
+@click.option("--distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
 def demo(out, teacher, quick, epochs, teacher_epochs, imgsz, student, teacher_model, device, seed, distill):
     """Distil a student on real handwritten digits, offline on a CPU, and compare it with the same student trained plainly.
 

@@ -114,8 +114,10 @@ def demo_settings(quick: bool = False, **given: Any) -> DemoSettings:
         raise UserError("--epochs and --teacher-epochs must be at least 1")
     if s.teacher and not Path(s.teacher).is_file():
         raise UserError(f"{s.teacher}: teacher checkpoint not found")
-    if s.distill and not Path(s.distill).is_file():
-        raise UserError(f"{s.distill}: distillation config not found")
+    if s.distill:
+        from softlabel.distill.config import load_distill
+
+        load_distill(s.distill)  # a built-in name or a YAML file; anything else stops here
     return s
 
 
