@@ -66,8 +66,9 @@ def main() -> None:
               help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0].")
 @click.option("--shard-size", default=16, show_default=True, help="Samples per shard (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
+@click.option("--strict", is_flag=True, help="Refuse images and labels Ultralytics would skip (corrupt, class id >= nc, ...) instead of skipping them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, quiet):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -80,7 +81,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features,
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor,
-        shard_size=shard_size, progress=not quiet,
+        shard_size=shard_size, progress=not quiet, strict=strict,
     )
     result = run_dump(settings)
     click.echo(

@@ -334,6 +334,11 @@ def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> Non
     if list(t["names"]) != list(spec.names):
         raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
     if d["count"] != len(index) or d["images_hash"] != index.list_hash():
+        if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
+            raise UserError(
+                f"{where}: the dump skipped {sorted(d['skipped']) or 'no images'} but {spec.yaml_path} now skips "
+                f"{sorted(index.skipped_names()) or 'no images'} (Ultralytics' image and label checks)"
+            )
         raise UserError(
             f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
             f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
