@@ -124,11 +124,12 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 
 
 @main.command()
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--student", "students", multiple=True, required=True,
               help="Student: a model name (yolov8n, yolo11n, ...), a model .yaml or a .pt checkpoint. Repeat to train several in turn.")
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
-@click.option("--data", required=True, help="Ultralytics data.yaml: the same data the cache was dumped from.")
+@click.option("--data", default=None, help="Ultralytics data.yaml: the same data the cache was dumped from [default: the one the cache records].")
 @click.option("--epochs", default=100, show_default=True, help="Training epochs (Ultralytics' meaning).")
 @click.option("--distill", "distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
 @click.option("--imgsz", default=None, type=int, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
@@ -144,25 +145,40 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--close-views", default=1, show_default=True, help="Online mode: closing views, as a dump would.")
 @click.option("--augment", default=None, help="Online mode: augmentation config, a built-in name or a YAML path [default: default].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
-def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
-    """Train one or more students against a cache (or a live teacher), then print a table."""
+def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
+    """Train one or more students against a cache (or a live teacher), then print a table.
+
+    Any other Ultralytics training argument follows in its own KEY=VALUE form, e.g. lr0=0.005
+    optimizer=AdamW cos_lr=True; Ultralytics' config check validates them.
+    """
     from softlabel.distill.config import load_distill
     from softlabel.train import render_table, train_students
+    from softlabel.trainargs import OPTION_KEYS, merge_options, parse_train_args
 
+    ctx = click.get_current_context()
+    explicit = {k for k in OPTION_KEYS if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+    options = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers, seed=seed,
+                   close_mosaic=close_mosaic, project=project, name=name, plots=plots)
+    options, extra = merge_options(options, explicit, parse_train_args(overrides))
+    data, epochs, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots = (options[k] for k in OPTION_KEYS)
     if bool(cache) == bool(teacher):
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
     load_distill(distill)  # a bad config stops here, before any model is built
     if cache:
         from softlabel.cache.store import read_attrs
 
-        cache_imgsz = int(read_attrs(cache)["augment"]["imgsz"])
-        imgsz = imgsz or cache_imgsz
+        attrs = read_attrs(cache)
+        imgsz = imgsz or int(attrs["augment"]["imgsz"])
+        data = data or attrs["data"]["yaml"]
+    elif not data:
+        raise UserError("--data is needed with --teacher (a cache records its own data.yaml)")
     imgsz = imgsz or 640
     settings = dict(cache=cache, teacher_path=teacher, distill_config=distill, replay_seed=replay_seed,
                     augment_config=augment, views=views, close_views=close_views)
     args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
                 plots=plots, exist_ok=False)
     args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})
+    args.update(extra)
     rows = train_students(list(students), settings, **args)
     click.echo(render_table(rows))
 
