@@ -126,7 +126,8 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @main.command()
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--student", "students", multiple=True, required=True,
-              help="Student: a model name (yolov8n, yolo11n, ...), a model .yaml or a .pt checkpoint. Repeat to train several in turn.")
+              help="Student as Ultralytics names it: yolov8n (the pretrained yolov8n.pt, found locally or fetched; yolov8n.yaml "
+                   "from scratch where it cannot be had), yolov8n.yaml (random weights) or a .pt checkpoint. Repeat to train several in turn.")
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
 @click.option("--data", default=None, help="Ultralytics data.yaml: the same data the cache was dumped from [default: the one the cache records].")
@@ -190,7 +191,7 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
 @click.option("--epochs", default=None, type=int, help="Epochs for each student [default: 12; --quick: 3].")
 @click.option("--teacher-epochs", default=None, type=int, help="Epochs for the teacher [default: 25; --quick: 3].")
 @click.option("--imgsz", default=None, type=int, help="Image size of every model, multiple of 32 [default: 128; --quick: 64].")
-@click.option("--student", default=None, help="Student model: a name (yolov8n, yolo11n, ...) or a model .yaml [default: yolov8n].")
+@click.option("--student", default=None, help="Student model: a name (yolov8n, yolo11n, ...; from random weights here) or a model .yaml [default: yolov8n].")
 @click.option("--teacher-model", default=None, help="Teacher model to train: a name or a model .yaml [default: yolov8s].")
 @click.option("--device", default=None, help="Training device: cpu, 0, cuda:N; latency is always measured on the CPU [default: cpu].")
 @click.option("--seed", default=None, type=int, help="Seed of the dataset, the augmentation replay and training [default: 0].")

@@ -30,6 +30,7 @@ from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay, View
+from softlabel.student import resolve_student  # noqa: F401  (callers import it from here)
 from softlabel.teacher import Teacher, level_name
 
 DISTILL_STATE = "distill_state.pt"
@@ -362,25 +363,6 @@ class StudentResult:
     epochs: int
     seconds: float
     save_dir: str
-
-
-def resolve_student(student: str):
-    """A model name (yolov8n -> Ultralytics' yolov8n.yaml), a .yaml path or a .pt checkpoint."""
-    from ultralytics import YOLO
-
-    path = Path(student)
-    if path.suffix == ".pt":
-        if not path.is_file():
-            raise UserError(f"{student}: student checkpoint not found")
-        return YOLO(str(path))
-    cfg = student if path.suffix in (".yaml", ".yml") else f"{student}.yaml"
-    try:
-        from ultralytics.nn.tasks import yaml_model_load
-
-        yaml_model_load(cfg)
-    except Exception:
-        raise UserError(f"unknown student '{student}': not an Ultralytics model name (e.g. yolov8n, yolo11s), a .yaml or a .pt") from None
-    return YOLO(cfg, task="detect")
 
 
 def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
