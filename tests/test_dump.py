@@ -19,6 +19,7 @@ from conftest import assert_clean_error, make_dataset, run_cli
 from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
+from softlabel.errors import UserError
 from softlabel.augment import load_augment
 from softlabel.replay import Replay, View
 from softlabel.teacher import Teacher, to_model_input
@@ -246,6 +247,15 @@ def test_what_ultralytics_skips_is_skipped_recorded_or_refused_with_strict(tmp_p
     assert sorted(attrs["data"]["skipped"]) == bad and attrs["data"]["count"] == 5
     stored = list(np.asarray(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["samples/path"][:]))
     assert not set(bad) & set(stored) and len(stored) == 5
+    assert "3 skipped as Ultralytics skips them" in run_cli("info", tmp_path / "c.zarr").stdout
+    # train lists the data the same way: the same images skipped, the cache accepted
+    from softlabel.train import check_cache_matches
+
+    spec = load_data_yaml(data)
+    check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
+    label_of(bad_coord).write_text("0 0.5 0.5 0.2 0.2\n")  # fixed after the dump: the data is no longer the cache's
+    with pytest.raises(UserError, match="skipped"):
+        check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
 
     empty = tmp_path / "empty"
     (empty / "images" / "train").mkdir(parents=True)
