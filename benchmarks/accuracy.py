@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds, one run per mode and seed (preset: 0 1 2)")
     p.add_argument("--reuse-seeds", nargs="+", type=int, default=None, help="seeds for the reuse students (default: the first seed)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=MODES, help="modes to run (default: all four)")
-    p.add_argument("--distill", default=None, help="softlabel distillation config YAML (default: configs/distill/default.yaml)")
+    p.add_argument("--distill", default=None, help="softlabel distillation config, a built-in name or a YAML path (default: default)")
     for name in ("epochs", "teacher_epochs", "imgsz", "batch", "views", "close_mosaic", "train_scenes", "val_scenes"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"override the preset's {name}")
     p.add_argument("--lr0", type=float, default=None, help="initial learning rate, AdamW (preset: 0.002)")

@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="training DataLoader workers; Ultralytics uses 0 on CPU (default: 2)")
     p.add_argument("--dump-workers", type=int, default=1, help="DataLoader workers replaying augmentations for the dump (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="training and augmentation seed (default: 0)")
-    p.add_argument("--distill", default=None, help="distillation config for offline and online (default: configs/distill/default.yaml)")
+    p.add_argument("--distill", default=None, help="distillation config for offline and online (a built-in name or a YAML path; default: default)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (default: all)")
     p.add_argument("--out", default=str(common.RESULTS / "speed.json"), help="result JSON (default: benchmarks/results/speed.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, cache, runs) and print its path")

@@ -6,7 +6,7 @@ same trained teacher, and measured for:
 - bytes on disk per sample-view, head and features (`softlabel info`'s totals);
 - dump throughput (sample-views per second, replay + teacher + encode + write) and read throughput
   (samples per second through CacheReader.read, decode included);
-- fidelity: the distillation loss (configs/distill/default.yaml, all terms) computed from the store
+- fidelity: the distillation loss (the built-in default distillation config, all terms) computed from the store
   against the same loss from the dense float32 outputs of the live teacher, on the same samples and
   the same fixed student; relative error |store - live| / |live| per batch, max and mean.
 
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--student", default=None, help="student checkpoint for the fidelity loss (default: yolov8n.yaml, fixed random init)")
     p.add_argument("--imgsz", type=int, default=None, help="image size (default: the demo's, else 160)")
     p.add_argument("--images", type=int, default=128, help="training images dumped per option (default: 128)")
-    p.add_argument("--augment", default=None, help="augmentation YAML for the dumps (default: the demo's, else configs/augment/default.yaml)")
+    p.add_argument("--augment", default=None, help="augmentation YAML for the dumps (default: the demo's, else the built-in default)")
     p.add_argument("--fidelity-samples", type=int, default=64, help="samples the loss is compared on (default: 64)")
     p.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of: " + ", ".join(OPTIONS))
     p.add_argument("--batch", type=int, default=16, help="dump batch (default: 16)")

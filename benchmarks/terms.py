@@ -19,8 +19,9 @@ from pathlib import Path
 import common
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs" / "distill" / name for name in ("default.yaml", "accurate.yaml", "logits_only.yaml")]
+from softlabel.builtin import builtin_path, resolve_config
+
+CONFIGS = [builtin_path("distill", name) for name in ("default", "accurate", "logits_only")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nc", type=int, default=3, help="classes (default: 3, as speed.py's drawn data)")
     p.add_argument("--head-topk", type=int, default=64, help="anchors per image a sparse head keeps; 0: dense head, no mask (default: 64)")
     p.add_argument("--configs", nargs="*", default=[str(c) for c in CONFIGS],
-                   help="distillation configs to time (default: configs/distill/default, accurate, logits_only)")
+                   help="distillation configs to time (built-in names or YAML paths; default: default, accurate, logits_only)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each term of the first config alone, and it with every feature position (default: on)")
     p.add_argument("--repeats", type=int, default=40, help="timed rounds over the configs, after 5 untimed (default: 40)")
@@ -51,7 +52,7 @@ def variants(args) -> dict[str, dict]:
     """Name -> raw config mapping: each config file, and the first one's terms alone when asked."""
     from softlabel.yamlfile import read_mapping
 
-    out = {Path(c).stem: read_mapping(Path(c), "distillation config") for c in args.configs}
+    out = {Path(c).stem: read_mapping(resolve_config("distill", c, "--configs"), "distillation config") for c in args.configs}
     if args.breakdown and args.configs:
         name = Path(args.configs[0]).stem
         first = out[name]

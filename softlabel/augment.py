@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softlabel.builtin import builtin_path, resolve_config
 from softlabel.errors import UserError
 from softlabel.yamlfile import read_mapping
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_AUGMENT = CONFIG_DIR / "augment" / "default.yaml"
+DEFAULT_AUGMENT = builtin_path("augment")
 
 # Settings that reorder or resize whole batches after the dataset: a cached tensor could no longer
 # be tied to one replayed sample, so they are refused rather than ignored.
@@ -82,7 +82,7 @@ def _as_bool(value: Any) -> bool:
 
 
 def load_augment(path: str | Path | None = None) -> AugmentConfig:
-    """Read an augmentation YAML; keys it leaves out take Ultralytics' defaults."""
-    path = Path(path) if path else DEFAULT_AUGMENT
+    """Read an augmentation YAML, or a built-in one by name; keys it leaves out take Ultralytics' defaults."""
+    path = resolve_config("augment", path, "--augment")
     raw = read_mapping(path, "augmentation config")
     return AugmentConfig.from_dict(raw, source=str(path))

@@ -47,24 +47,15 @@ def check_out_outside_data(out: str, index) -> None:
             raise UserError(f"{out}: --out is inside the dataset's folder {folder}; write the cache outside the image and label folders")
 
 
-def check_student(student: str) -> None:
-    """A student must be a DFL detector: a classification or corrupt checkpoint is refused before training."""
-    path = Path(student)
-    if path.suffix == ".pt":
-        from softlabel.teacher import describe, read_checkpoint
-
-        model, _ = read_checkpoint(path, "student")
-        describe(model, str(path))
-        return
-    if path.suffix in (".yaml", ".yml") or not path.suffix:
-        from ultralytics.nn.tasks import guess_model_task, yaml_model_load
-
-        cfg = student if path.suffix else f"{student}.yaml"
-        try:
-            task = guess_model_task(yaml_model_load(cfg))
-        except Exception:
-            return  # an unknown name is reported where the student is built, with the names it accepts
-        if task != "detect":
-            raise UserError(f"{student}: a {task} model; softlabel trains detection students (e.g. yolov8n, yolo11s)")
-        return
-    raise UserError(f"{student}: a student is a model name (yolov8n), a model .yaml or a .pt checkpoint")
+def check_train_numbers(epochs: int, batch: int, workers: int, imgsz: int | None, close_mosaic: int) -> None:
+    """The numbers of a training run, whether they came as options or as key=value arguments."""
+    if int(epochs) < 1:
+        raise UserError(f"epochs={epochs}: train for at least 1 epoch")
+    if batch != -1 and not float(batch) > 0:
+        raise UserError(f"batch={batch}: give 1 or more, -1, or a fraction of GPU memory in (0, 1)")
+    if int(workers) < 0:
+        raise UserError(f"workers={workers}: must be 0 or more")
+    if imgsz is not None and (int(imgsz) < 32 or int(imgsz) % 32):
+        raise UserError(f"imgsz={imgsz}: must be a positive multiple of 32")
+    if int(close_mosaic) < 0:
+        raise UserError(f"close_mosaic={close_mosaic}: must be 0 or more")

@@ -81,7 +81,7 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Teacher device: cpu, 0, 1, ... or cuda:N (AMP on CUDA).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes replaying augmentations.")
 @click.option("--seed", default=0, show_default=True, help="Augmentation seed; students replay the same seed.")
-@click.option("--augment", "augment", default=None, help="Augmentation YAML [default: configs/augment/default.yaml, Ultralytics' defaults].")
+@click.option("--augment", "augment", default=None, help="Augmentation config: a built-in name (default) or a YAML path [default: default, Ultralytics' defaults].")
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
@@ -96,8 +96,9 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True,
               help="Delete the softlabel cache at --out and start over. Only a softlabel cache is ever deleted: "
                    "a folder or file holding anything else is refused and left untouched.")
+@click.option("--strict", is_flag=True, help="Refuse images and labels Ultralytics would skip (corrupt, class id >= nc, ...) instead of skipping them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, quiet):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -110,7 +111,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features,
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor,
-        shard_size=shard_size, progress=not quiet,
+        shard_size=shard_size, progress=not quiet, strict=strict,
     )
     result = run_dump(settings)
     click.echo(
@@ -153,13 +154,15 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 
 
 @main.command()
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--student", "students", multiple=True, required=True,
-              help="Student: a model name (yolov8n, yolo11n, ...), a model .yaml or a .pt checkpoint. Repeat to train several in turn.")
+              help="Student as Ultralytics names it: yolov8n (the pretrained yolov8n.pt, found locally or fetched; yolov8n.yaml "
+                   "from scratch where it cannot be had), yolov8n.yaml (random weights) or a .pt checkpoint. Repeat to train several in turn.")
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
-@click.option("--data", required=True, help="Ultralytics data.yaml: the same data the cache was dumped from.")
+@click.option("--data", default=None, help="Ultralytics data.yaml: the same data the cache was dumped from [default: the one the cache records].")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1), help="Training epochs (Ultralytics' meaning).")
-@click.option("--distill", "distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
+@click.option("--distill", "distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
 @click.option("--imgsz", default=None, type=int, callback=_imgsz, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
 @click.option("--batch", default=16, show_default=True, callback=_train_batch, help="Batch size (Ultralytics' meaning: -1 picks one from GPU memory).")
 @click.option("--device", default=None, help="cpu, 0, 0,1 (DDP), ... (Ultralytics' meaning) [default: Ultralytics' choice].")
@@ -171,18 +174,31 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Ultralytics' training plots (fetch a font on first use).")
 @click.option("--views", default=1, show_default=True, type=click.IntRange(min=1), help="Online mode: mosaic views to cycle through, as a dump would.")
 @click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Online mode: closing views, as a dump would.")
-@click.option("--augment", default=None, help="Online mode: augmentation YAML [default: configs/augment/default.yaml].")
+@click.option("--augment", default=None, help="Online mode: augmentation config, a built-in name or a YAML path [default: default].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
-def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
-    """Train one or more students against a cache (or a live teacher), then print a table."""
-    from softlabel.checks import check_student
+def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
+    """Train one or more students against a cache (or a live teacher), then print a table.
+
+    Any other Ultralytics training argument follows in its own KEY=VALUE form, e.g. lr0=0.005
+    optimizer=AdamW cos_lr=True; Ultralytics' config check validates them.
+    """
+    from softlabel.checks import check_train_numbers
+    from softlabel.student import check_student
     from softlabel.distill.config import load_distill
     from softlabel.train import render_table, train_students
+    from softlabel.trainargs import OPTION_KEYS, merge_options, parse_train_args
 
+    ctx = click.get_current_context()
+    explicit = {k for k in OPTION_KEYS if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+    options = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers, seed=seed,
+                   close_mosaic=close_mosaic, project=project, name=name, plots=plots)
+    options, extra = merge_options(options, explicit, parse_train_args(overrides))
+    data, epochs, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots = (options[k] for k in OPTION_KEYS)
     if bool(cache) == bool(teacher):
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
+    check_train_numbers(epochs=epochs, batch=batch, workers=workers, imgsz=imgsz, close_mosaic=close_mosaic)
     load_distill(distill)  # a bad config stops here, before any model is built or any run folder made
-    imgsz = _check_train_sources(cache, teacher, data, imgsz)
+    data, imgsz = _check_train_sources(cache, teacher, data, imgsz)
     for student in students:
         check_student(student)
     settings = dict(cache=cache, teacher_path=teacher, distill_config=distill, replay_seed=replay_seed,
@@ -190,31 +206,37 @@ def train(students, cache, teacher, data, epochs, distill, imgsz, batch, device,
     args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
                 plots=plots, exist_ok=False)
     args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})
+    args.update(extra)
     rows = train_students(list(students), settings, **args)
     click.echo(render_table(rows))
 
 
-def _check_train_sources(cache: str | None, teacher: str | None, data: str, imgsz: int | None) -> int:
-    """The cache (or live teacher) against the data and image size, before anything is written; returns imgsz."""
+def _check_train_sources(cache: str | None, teacher: str | None, data: str | None, imgsz: int | None) -> tuple[str, int]:
+    """The cache (or live teacher) against the data and image size, before anything is written;
+    returns the data.yaml (a cache's own by default) and the image size."""
     from softlabel.checks import check_class_names
     from softlabel.data import load_data_yaml
 
-    spec = load_data_yaml(data)
     if cache:
         from softlabel.cache.reader import CacheReader
 
         reader = CacheReader(cache)
+        data = data or reader.attrs["data"]["yaml"]
+        spec = load_data_yaml(data)
         recorded = int(reader.attrs["augment"]["imgsz"])
         if imgsz is not None and imgsz != recorded:
             raise UserError(f"{cache}: the cache was dumped at imgsz {recorded} but training asks for imgsz {imgsz} (--imgsz)")
         check_class_names(reader.attrs["teacher"]["names"], list(spec.names), cache, spec.yaml_path)
         reader.require_complete()
-        return recorded
+        return data, recorded
+    if not data:
+        raise UserError("--data is needed with --teacher (a cache records its own data.yaml)")
+    spec = load_data_yaml(data)
     from softlabel.teacher import load_model
 
     _, info = load_model(teacher)
     check_class_names(info.names, list(spec.names), teacher, spec.yaml_path)
-    return imgsz or 640
+    return data, imgsz or 640
 
 
 @main.command()
@@ -224,11 +246,11 @@ def _check_train_sources(cache: str | None, teacher: str | None, data: str, imgs
 @click.option("--epochs", default=None, type=int, help="Epochs for each student [default: 12; --quick: 3].")
 @click.option("--teacher-epochs", default=None, type=int, help="Epochs for the teacher [default: 25; --quick: 3].")
 @click.option("--imgsz", default=None, type=int, help="Image size of every model, multiple of 32 [default: 128; --quick: 64].")
-@click.option("--student", default=None, help="Student model: a name (yolov8n, yolo11n, ...) or a model .yaml [default: yolov8n].")
+@click.option("--student", default=None, help="Student model: a name (yolov8n, yolo11n, ...; from random weights here) or a model .yaml [default: yolov8n].")
 @click.option("--teacher-model", default=None, help="Teacher model to train: a name or a model .yaml [default: yolov8s].")
 @click.option("--device", default=None, help="Training device: cpu, 0, cuda:N; latency is always measured on the CPU [default: cpu].")
 @click.option("--seed", default=None, type=int, help="Seed of the dataset, the augmentation replay and training [default: 0].")
-@click.option("--distill", default=None, help="Distillation config YAML [default: configs/distill/default.yaml].")
+@click.option("--distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
 def demo(out, teacher, quick, epochs, teacher_epochs, imgsz, student, teacher_model, device, seed, distill):
     """Distil a student on real handwritten digits, offline on a CPU, and compare it with the same student trained plainly.
 

@@ -1,28 +1,32 @@
-"""Ultralytics-format datasets: data.yaml, the ordered image list, and validated YOLO labels."""
+"""Ultralytics-format datasets, resolved by Ultralytics' own rules.
+
+`yolo train` reads a data.yaml with `check_det_dataset`, lists a split's images the way
+`BaseDataset.get_img_files` does, finds each label file with `img2label_paths` and checks each
+image and label with `verify_image_label`, skipping what fails. softlabel calls those same
+functions, so the images a dump replays are exactly the ones `yolo train` trains on, and the ones
+it would skip are skipped here too, named and counted.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import re
+import sys
 from dataclasses import dataclass, field
+from itertools import repeat
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from softlabel.errors import UserError
-from softlabel.yamlfile import read_mapping
-
-# The suffixes Ultralytics reads as images.
-IMAGE_SUFFIXES = frozenset(
-    {"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"}
-)
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What data.yaml says: where the images of each split are and what the classes are called."""
+    """What data.yaml says once Ultralytics has resolved it: the split paths and the class names."""
 
     yaml_path: Path
     root: Path
@@ -34,97 +38,34 @@ class DataSpec:
         return len(self.names)
 
 
-def _as_names(raw: object, yaml_path: Path) -> tuple[str, ...]:
-    if isinstance(raw, dict):
-        try:
-            keys = sorted(int(k) for k in raw)
-        except (TypeError, ValueError):
-            raise UserError(f"{yaml_path}: 'names' keys must be integer class ids") from None
-        if keys != list(range(len(keys))):
-            raise UserError(f"{yaml_path}: 'names' must number classes 0..{len(keys) - 1} without gaps")
-        return tuple(str(raw[k] if k in raw else raw[str(k)]) for k in keys)
-    if isinstance(raw, (list, tuple)):
-        return tuple(str(n) for n in raw)
-    raise UserError(f"{yaml_path}: 'names' must be a list or a mapping of class id to name")
+def _one_line(error: BaseException) -> str:
+    """Ultralytics' messages carry emojis, help links and line breaks; keep the words."""
+    text = str(error).replace("❌", " ").replace("⚠️", " ")
+    text = " ".join(ln.strip() for ln in text.splitlines() if ln.strip() and "docs.ultralytics.com" not in ln)
+    return re.sub(r"\s+", " ", text).strip(" .")
 
 
 def load_data_yaml(path: str | os.PathLike) -> DataSpec:
-    """Parse an Ultralytics data.yaml; relative paths are taken from the yaml's own folder."""
+    """Resolve a data.yaml with Ultralytics' `check_det_dataset`: its `path:` rules (the working
+    folder, then its datasets directory), Roboflow's `../train/images`, `nc:` without `names:`."""
+    from ultralytics.data.utils import check_det_dataset
+
     yaml_path = Path(path)
-    raw = read_mapping(yaml_path, "data.yaml")
-    for key in ("train", "names"):
-        if key not in raw or raw[key] in (None, ""):
-            raise UserError(f"{yaml_path}: missing key '{key}'")
-    names = _as_names(raw["names"], yaml_path)
-    if "nc" in raw and int(raw["nc"]) != len(names):
-        raise UserError(f"{yaml_path}: 'nc' is {raw['nc']} but 'names' lists {len(names)} classes")
-    root = Path(raw.get("path") or ".")
-    if not root.is_absolute():
-        root = (yaml_path.parent / root).resolve()
+    if not yaml_path.is_file():
+        raise UserError(f"{yaml_path}: data.yaml not found")
+    try:
+        data = check_det_dataset(str(yaml_path), autodownload=False)
+    except Exception as e:  # SyntaxError, FileNotFoundError, TypeError... each a user's data problem
+        raise UserError(f"{yaml_path}: {_one_line(e)}") from None
+    names = data["names"]
+    names = tuple(str(names[k]) for k in sorted(names)) if isinstance(names, dict) else tuple(str(n) for n in names)
     splits = {}
     for split in ("train", "val", "test"):
-        value = raw.get(split)
+        value = data.get(split)
         if value:
-            splits[split] = [value] if isinstance(value, str) else [str(v) for v in value]
-    return DataSpec(yaml_path=yaml_path.resolve(), root=root, names=names, splits=splits)
-
-
-def _images_in(entry: Path) -> list[Path]:
-    if entry.is_dir():
-        return [p for p in entry.rglob("*") if p.suffix[1:].lower() in IMAGE_SUFFIXES and p.is_file()]
-    if entry.is_file() and entry.suffix == ".txt":
-        out = []
-        for line in entry.read_text().splitlines():
-            line = line.strip()
-            if line:
-                p = Path(line)
-                out.append(p if p.is_absolute() else (entry.parent / p))
-        return out
-    raise UserError(f"{entry}: image folder or list not found")
-
-
-def label_path_for(image: Path) -> Path:
-    """Ultralytics' convention: the last 'images' folder becomes 'labels', the suffix becomes .txt."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
-
-
-def parse_label_file(path: Path, nc: int) -> np.ndarray:
-    """Read YOLO labels as float32 [n, 5] (class, cx, cy, w, h, normalised); polygons become their box."""
-    if not path.is_file():
-        return np.zeros((0, 5), np.float32)  # a background image
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{path}:{lineno}"
-        if len(fields) < 5 or (len(fields) > 5 and len(fields) % 2 == 0):
-            raise UserError(f"{where}: malformed label line {line.strip()!r} (expected 'class x y w h')")
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            raise UserError(f"{where}: malformed label line {line.strip()!r} (not numbers)") from None
-        cls = values[0]
-        if not cls.is_integer() or cls < 0:
-            raise UserError(f"{where}: class id {fields[0]!r} is not a non-negative integer")
-        if cls >= nc:
-            raise UserError(f"{where}: class id {int(cls)} is out of range for nc={nc}")
-        coords = values[1:]
-        if not all(math.isfinite(v) for v in coords) or min(coords) < -0.01 or max(coords) > 1.01:
-            raise UserError(f"{where}: coordinates must be normalised to [0, 1], got {line.strip()!r}")
-        if len(coords) == 4:
-            box = coords
-        else:  # a segment polygon: keep its bounding box
-            xs, ys = coords[0::2], coords[1::2]
-            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-            box = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
-        rows.append([cls, *box])
-    return np.asarray(rows, np.float32).reshape(-1, 5)
+            splits[split] = [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+    root = Path(data["path"]).resolve()
+    return DataSpec(yaml_path=Path(data.get("yaml_file", yaml_path)).resolve(), root=root, names=names, splits=splits)
 
 
 @dataclass(frozen=True)
@@ -135,7 +76,8 @@ class DatasetIndex:
     images: tuple[Path, ...]
     labels: tuple[np.ndarray, ...]
     names: tuple[str, ...]
-    sizes: tuple[tuple[int, int], ...] = ()  # (height, width) per image, from its header
+    sizes: tuple[tuple[int, int], ...] = ()  # (height, width) per image, as Ultralytics reads it (EXIF applied)
+    skipped: tuple[tuple[str, str], ...] = ()  # (image, reason) Ultralytics would not train on
 
     def __len__(self) -> int:
         return len(self.images)
@@ -144,14 +86,18 @@ class DatasetIndex:
     def nc(self) -> int:
         return len(self.names)
 
+    def _relative(self, p: Path) -> str:
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            return p.as_posix()
+
     def relative_paths(self) -> list[str]:
-        out = []
-        for p in self.images:
-            try:
-                out.append(p.relative_to(self.root).as_posix())
-            except ValueError:
-                out.append(p.as_posix())
-        return out
+        return [self._relative(p) for p in self.images]
+
+    def skipped_names(self) -> list[str]:
+        """The skipped images, relative to the dataset root like the stored sample paths."""
+        return [self._relative(Path(p)) for p, _ in self.skipped]
 
     def list_hash(self) -> str:
         """Identifies the ordered image list and labels, so a cache can tell it belongs to this data."""
@@ -163,34 +109,87 @@ class DatasetIndex:
         return h.hexdigest()
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
+class _ImageLister:
+    """Just what `BaseDataset.get_img_files` reads of its dataset: no prefix, the whole split."""
 
+    prefix = ""
+    fraction = 1.0
+
+    def __init__(self):
+        from ultralytics.data.base import BaseDataset
+
+        self._list = BaseDataset.get_img_files
+
+    def __call__(self, paths: list[str]) -> list[str]:
+        return self._list(self, paths)
+
+
+def list_images(paths: list[str]) -> list[str]:
+    """A split's image files as Ultralytics lists them: sorted, hidden files and folders left out,
+    symlinks followed but not resolved (their labels sit beside the link, not the target)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            w, h = im.size
-            im.load()  # verify() does not decode; a truncated file only fails here
-    except Exception as e:  # PIL raises many types for bad files
-        raise UserError(f"{path}: unreadable or corrupt image ({type(e).__name__}: {e})") from None
-    return h, w
+        return _ImageLister()(paths)
+    except FileNotFoundError as e:
+        raise UserError(_one_line(e.__cause__ or e)) from None
 
 
-def build_index(spec: DataSpec, split: str = "train", check_images: bool = True) -> DatasetIndex:
-    """List a split's images in a stable order and read and validate every label file."""
+def _warn(line: str) -> None:
+    print(f"softlabel: warning: {line}", file=sys.stderr)
+
+
+def build_index(
+    spec: DataSpec,
+    split: str = "train",
+    check_images: bool = True,
+    strict: bool = False,
+    warn: Callable[[str], None] | None = _warn,
+) -> DatasetIndex:
+    """List a split's images and verify every image and label with Ultralytics' `verify_image_label`.
+
+    What Ultralytics would skip (an unreadable image, a class id >= nc, a coordinate beyond 1.01, a
+    file mixing polygons and boxes, ...) is skipped with one warning line each and a summary; with
+    `strict` it is refused instead, naming each. Duplicate label rows are removed as Ultralytics
+    removes them. `check_images` is kept for callers; verification always runs, because it is what
+    decides which images Ultralytics trains on.
+    """
+    from ultralytics.data.utils import img2label_paths, verify_image_label
+    from ultralytics.utils import NUM_THREADS
+
     if split not in spec.splits:
         raise UserError(f"{spec.yaml_path}: no '{split}' split")
-    images: list[Path] = []
-    for entry in spec.splits[split]:
-        p = Path(entry)
-        images.extend(_images_in(p if p.is_absolute() else spec.root / p))
-    images = sorted({p.resolve() for p in images})
+    files = list_images(spec.splits[split])
+    label_files = img2label_paths(files)
+    args = zip(files, label_files, repeat(""), repeat(False), repeat(spec.nc), repeat(0), repeat(0), repeat(False))
+    images, labels, sizes, skipped, notes = [], [], [], [], []
+    found = 0
+    with ThreadPool(max(1, min(NUM_THREADS, len(files)))) as pool:
+        for file, result in zip(files, pool.imap(verify_image_label, args)):
+            im_file, lb, shape, _, _, _, nf, _, _, msg = result
+            found += nf
+            if im_file is None:
+                reason = _one_line(Exception(msg)).split("ignoring corrupt image/label: ", 1)[-1]
+                skipped.append((file, reason))
+                continue
+            if msg:
+                notes.append(_one_line(Exception(msg)))
+            images.append(Path(im_file))
+            labels.append(np.ascontiguousarray(lb, np.float32).reshape(-1, 5))
+            sizes.append((int(shape[0]), int(shape[1])))
+    index = DatasetIndex(root=spec.root, images=tuple(images), labels=tuple(labels), names=spec.names, sizes=tuple(sizes),
+                         skipped=tuple(skipped))
+    where = f"{spec.yaml_path} ({split})"
+    if skipped and strict:
+        named = "; ".join(f"{name}: {reason}" for name, (_, reason) in zip(index.skipped_names(), skipped))
+        raise UserError(f"{where}: {len(skipped)} image(s) Ultralytics would skip (--strict refuses them): {named}")
+    if warn is not None:
+        for line in notes:
+            warn(line)
+        for name, (_, reason) in zip(index.skipped_names(), skipped):
+            warn(f"{name}: skipped, as Ultralytics skips it: {reason}")
+        if skipped:
+            warn(f"{where}: {len(skipped)} of {len(files)} images skipped, {len(images)} kept")
     if not images:
-        raise UserError(f"{spec.yaml_path}: split '{split}' has no images ({', '.join(spec.splits[split])})")
-    labels = tuple(parse_label_file(label_path_for(p), spec.nc) for p in images)
-    sizes: tuple[tuple[int, int], ...] = ()
-    if check_images:
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-            sizes = tuple(pool.map(_image_size, images))
-    return DatasetIndex(root=spec.root, images=tuple(images), labels=labels, names=spec.names, sizes=sizes)
+        raise UserError(f"{where}: no valid images ({len(skipped)} skipped)")
+    if not found and split == "train":
+        raise UserError(f"{where}: no label files found for any image (Ultralytics looks in {Path(label_files[0]).parent})")
+    return index

@@ -114,8 +114,10 @@ def demo_settings(quick: bool = False, **given: Any) -> DemoSettings:
         raise UserError("--epochs and --teacher-epochs must be at least 1")
     if s.teacher and not Path(s.teacher).is_file():
         raise UserError(f"{s.teacher}: teacher checkpoint not found")
-    if s.distill and not Path(s.distill).is_file():
-        raise UserError(f"{s.distill}: distillation config not found")
+    if s.distill:
+        from softlabel.distill.config import load_distill
+
+        load_distill(s.distill)  # a built-in name or a YAML file; anything else stops here
     return s
 
 
@@ -150,6 +152,11 @@ def weights_of(run: str | Path) -> Path:
 # -- steps ------------------------------------------------------------------------------------------
 
 
+def from_scratch(model: str) -> str:
+    """The demo trains from random weights and offline: a bare name means its yaml, not the pretrained checkpoint."""
+    return model if Path(model).suffix else f"{model}.yaml"
+
+
 def ensure_teacher(run: Path, model: str, epochs: int, recipe: Recipe, seed: int, data_yaml: Path, data_id: dict,
                    echo: Echo = print) -> tuple[Path, float | None]:
     """Train a teacher in `run`, or reuse the one a run with the same settings left there.
@@ -164,7 +171,7 @@ def ensure_teacher(run: Path, model: str, epochs: int, recipe: Recipe, seed: int
         return weights_of(run), None
     shutil.rmtree(run, ignore_errors=True)
     echo(f"teacher: training {model} for {epochs} epochs at imgsz {recipe.imgsz} ...")
-    yolo = resolve_student(model)
+    yolo = resolve_student(from_scratch(model))
     start = time.time()
     yolo.train(data=str(data_yaml), **recipe.train_args(epochs, seed, run.parent, run.name))
     seconds = time.time() - start
@@ -211,7 +218,7 @@ def train_student(student: str, recipe: Recipe, data_yaml: Path, epochs: int, se
     from softlabel.train import resolve_student
 
     shutil.rmtree(project / name, ignore_errors=True)
-    model = resolve_student(student)
+    model = resolve_student(from_scratch(student))
     start = time.time()
     model.train(data=str(data_yaml), **extra, **recipe.train_args(epochs, seed, project, name))
     return Path(model.trainer.save_dir), time.time() - start
@@ -349,10 +356,10 @@ def run_demo(s: DemoSettings, echo: Echo = print) -> dict:
     from softlabel.train import make_trainer, resolve_student
 
     load_distill(s.distill)  # bad input stops here, before anything is built
-    resolve_student(s.student)
+    resolve_student(from_scratch(s.student))
     if not s.teacher:
         try:
-            resolve_student(s.teacher_model)
+            resolve_student(from_scratch(s.teacher_model))
         except UserError as e:
             raise UserError(f"--teacher-model: {e}") from None
     start = time.time()

@@ -55,6 +55,7 @@ class DumpSettings:
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
     shard_size: int = 16
     progress: bool = True
+    strict: bool = False  # refuse images Ultralytics would skip, instead of skipping them
 
 
 @dataclass
@@ -134,6 +135,7 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
         "split": "train",
         "count": len(index),
         "images_hash": index.list_hash(),
+        "skipped": index.skipped_names(),  # what Ultralytics would not train on either
         "nc": spec.nc,
         "names": list(spec.names),
     }
@@ -221,7 +223,7 @@ def prepare(settings: DumpSettings):
     levels = [lvl for lvl in info.levels if lvl in levels]  # teacher order
     if settings.imgsz % max(info.strides):
         raise UserError(f"--imgsz {settings.imgsz} must be a multiple of the teacher's largest stride {max(info.strides)}")
-    index = build_index(spec, "train")
+    index = build_index(spec, "train", strict=settings.strict)
     check_out_outside_data(settings.out, index)
     attrs = _dump_attrs(settings, info, spec, index, augment, levels)
     replay = Replay(index, augment, settings.imgsz, settings.seed)

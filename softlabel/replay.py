@@ -21,7 +21,7 @@ from softlabel.augment import AugmentConfig
 from softlabel.data import DatasetIndex
 from softlabel.errors import UserError
 
-PAD_VALUE = 114  # Ultralytics' letterbox grey
+PAD_VALUE = 114  # Ultralytics' border grey
 FINGERPRINT_BYTES = 16
 
 
@@ -72,14 +72,17 @@ def _child(rng: np.random.Generator) -> np.random.Generator:
 
 
 def load_resized(path, imgsz: int) -> np.ndarray:
-    """Read an image and resize it so its long side is imgsz, keeping the aspect ratio."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an image as Ultralytics' training dataset does and resize its long side to imgsz,
+    each side rounded up as Ultralytics 8.4 rounds it."""
+    from ultralytics.utils.patches import imread
+
+    image = imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise UserError(f"{path}: unreadable or corrupt image")
     h0, w0 = image.shape[:2]
     r = imgsz / max(h0, w0)
     if r != 1:
-        size = (max(1, min(imgsz, round(w0 * r))), max(1, min(imgsz, round(h0 * r))))
+        size = (min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz))
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
     return image
 
@@ -87,6 +90,76 @@ def load_resized(path, imgsz: int) -> np.ndarray:
 def _boxes_xyxy(labels: np.ndarray, w: int, h: int) -> np.ndarray:
     cx, cy, bw, bh = labels[:, 1] * w, labels[:, 2] * h, labels[:, 3] * w, labels[:, 4] * h
     return np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+
+
+def mosaic_centre(size: int, uniform) -> tuple[int, int]:
+    """(xc, yc): where the four tiles of a mosaic meet, from draws in Ultralytics' order (y, then x)."""
+    yc = int(uniform(size // 2, 2 * size - size // 2))
+    xc = int(uniform(size // 2, 2 * size - size // 2))
+    return xc, yc
+
+
+def affine_matrix(width: int, height: int, size: int, augment: AugmentConfig, uniform) -> tuple[np.ndarray, float]:
+    """The 3x3 float32 warp of Ultralytics 8.4's RandomPerspective for an image of width x height
+    and an output of size x size: centre, perspective, rotation and scale, shear, translation.
+
+    `uniform(low, high)` supplies the draws in Ultralytics' order (perspective x, y; angle; scale;
+    shear x, y; translation x, y), so the same draws give the same matrix."""
+    a = augment
+    centre = np.eye(3, dtype=np.float32)
+    centre[0, 2], centre[1, 2] = -width / 2, -height / 2
+    persp = np.eye(3, dtype=np.float32)
+    persp[2, 0] = uniform(-a.perspective, a.perspective)
+    persp[2, 1] = uniform(-a.perspective, a.perspective)
+    angle = uniform(-a.degrees, a.degrees)
+    scale = uniform(1 - a.scale, 1 + a.scale)
+    rot = np.eye(3, dtype=np.float32)
+    rot[:2] = cv2.getRotationMatrix2D(angle=angle, center=(0, 0), scale=scale)
+    shear = np.eye(3, dtype=np.float32)
+    shear[0, 1] = math.tan(uniform(-a.shear, a.shear) * math.pi / 180)
+    shear[1, 0] = math.tan(uniform(-a.shear, a.shear) * math.pi / 180)
+    shift = np.eye(3, dtype=np.float32)
+    shift[0, 2] = uniform(0.5 - a.translate, 0.5 + a.translate) * size
+    shift[1, 2] = uniform(0.5 - a.translate, 0.5 + a.translate) * size
+    return shift @ shear @ rot @ persp @ centre, scale
+
+
+def warp(image: np.ndarray, cls: np.ndarray, boxes: np.ndarray, m: np.ndarray, scale: float, size: int, perspective: bool):
+    """Warp the image to size x size with m; move the xyxy pixel boxes with it, clip them, and keep
+    those that stay visible (over 2 px each side, over 10% of their scaled area, not slivers)."""
+    border = (PAD_VALUE,) * 3
+    if perspective:
+        image = cv2.warpPerspective(image, m, dsize=(size, size), borderValue=border)
+    else:
+        image = cv2.warpAffine(image, m[:2], dsize=(size, size), borderValue=border)
+    n = len(boxes)
+    if n == 0:
+        return image, cls, boxes
+    corners = np.ones((n * 4, 3), dtype=boxes.dtype)
+    corners[:, :2] = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(-1, 2)
+    corners = corners @ m.T
+    xy = (corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]).reshape(n, 8)
+    xs, ys = xy[:, 0::2], xy[:, 1::2]
+    new = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1).astype(boxes.dtype)
+    new = np.clip(new, 0, size)
+    before = boxes * scale
+    w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
+    w2, h2 = new[:, 2] - new[:, 0], new[:, 3] - new[:, 1]
+    aspect = np.maximum(w2 / (h2 + 1e-16), h2 / (w2 + 1e-16))
+    keep = (w2 > 2) & (h2 > 2) & (w2 * h2 / (w1 * h1 + 1e-16) > 0.1) & (aspect < 100)
+    return image, cls[keep], new[keep]
+
+
+def hsv_shift(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Ultralytics 8.4's RandomHSV for drawn offsets (hue, saturation, value), each already times its
+    gain: hue moves by shift*180 and wraps at 180, saturation and value scale by 1 + shift, and a
+    pixel without saturation keeps none."""
+    x = np.arange(256, dtype=np.float64)
+    lut = np.stack([(x + shift[0] * 180) % 180, np.clip(x * (shift[1] + 1), 0, 255), np.clip(x * (shift[2] + 1), 0, 255)], -1)
+    lut = lut.astype(np.uint8)
+    lut[0, 1] = 0
+    hsv = cv2.LUT(cv2.cvtColor(image, cv2.COLOR_BGR2HSV), lut.reshape(1, 256, 3))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
 class Replay:
@@ -120,10 +193,10 @@ class Replay:
         closing = view.kind == "c"
         image, cls, boxes = self._geometric(i, rng, allow_mosaic=not closing)
         if not closing:
-            gate, partner, child, ratio = rng.random(), int(rng.integers(len(self.index))), _child(rng), rng.beta(32, 32)
-            if gate < self.augment.mixup:
+            gate, partner, child, ratio = rng.uniform(0, 1), int(rng.integers(len(self.index))), _child(rng), rng.beta(32.0, 32.0)
+            if not gate > self.augment.mixup:
                 image2, cls2, boxes2 = self._geometric(partner, child, allow_mosaic=True)
-                image = (image.astype(np.float32) * ratio + image2.astype(np.float32) * (1 - ratio)).astype(np.uint8)
+                image = (image * ratio + image2 * (1 - ratio)).astype(np.uint8)
                 cls, boxes = np.concatenate([cls, cls2]), np.concatenate([boxes, boxes2])
         image = self._pixel(image, rng)
         image, boxes = self._flips(image, boxes, rng)
@@ -154,24 +227,19 @@ class Replay:
         return image, labels[:, 0].copy(), _boxes_xyxy(labels, w, h)
 
     def _geometric(self, i: int, rng: np.random.Generator, allow_mosaic: bool):
+        """Mosaic (or the single resized image) then the random affine warp to imgsz, as Ultralytics'
+        Mosaic and RandomPerspective do. Every draw is taken whether used or not, so the stream of
+        draws has one shape for every sample."""
         s = self.imgsz
-        gate = rng.random()
+        gate = rng.uniform(0, 1)
         partners = rng.integers(len(self.index), size=3)
-        centre = rng.uniform(s / 2, 3 * s / 2, size=2)
-        if allow_mosaic and gate < self.augment.mosaic:
-            image, cls, boxes = self._mosaic([i, *partners.tolist()], int(centre[0]), int(centre[1]))
+        xc, yc = mosaic_centre(s, rng.uniform)
+        if allow_mosaic and not gate > self.augment.mosaic:  # Ultralytics skips a mix when its draw exceeds p
+            image, cls, boxes = self._mosaic([i, *partners.tolist()], xc, yc)
         else:
-            image, cls, boxes = self._letterbox(i)
-        return self._affine(image, cls, boxes, rng)
-
-    def _letterbox(self, i: int):
-        s = self.imgsz
-        image, cls, boxes = self._load(i)
-        h, w = image.shape[:2]
-        top, left = (s - h) // 2, (s - w) // 2
-        canvas = np.full((s, s, 3), PAD_VALUE, np.uint8)
-        canvas[top : top + h, left : left + w] = image
-        return canvas, cls, boxes + np.array([left, top, left, top], np.float32)
+            image, cls, boxes = self._load(i)
+        m, scale = affine_matrix(image.shape[1], image.shape[0], s, self.augment, rng.uniform)
+        return warp(image, cls, boxes, m, scale, s, perspective=bool(self.augment.perspective))
 
     def _mosaic(self, indices: list[int], xc: int, yc: int):
         """Four images meet at (xc, yc) on a 2s x 2s canvas; the affine step crops it back to s."""
@@ -191,49 +259,8 @@ class Replay:
             all_cls.append(cls)
             all_boxes.append(boxes + np.array([x0 - sx0, y0 - sy0] * 2, np.float32))
         boxes = np.clip(np.concatenate(all_boxes), 0, s2)
-        return canvas, np.concatenate(all_cls), boxes
-
-    def _affine(self, image: np.ndarray, cls: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
-        a, out = self.augment, self.imgsz
-        h, w = image.shape[:2]
-        draws = rng.uniform(-1, 1, size=7)
-        centre = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1]], np.float64)
-        persp = np.eye(3)
-        persp[2, :2] = draws[0:2] * a.perspective
-        scale = 1 + draws[3] * a.scale
-        rot = np.eye(3)
-        rot[:2] = cv2.getRotationMatrix2D((0, 0), float(draws[2] * a.degrees), float(scale))
-        shear = np.eye(3)
-        shear[0, 1] = math.tan(math.radians(draws[4] * a.shear))
-        shear[1, 0] = math.tan(math.radians(draws[5] * a.shear))
-        shift = np.eye(3)
-        shift[:2, 2] = (0.5 + np.array([draws[6], rng.uniform(-1, 1)]) * a.translate) * out
-        m = shift @ shear @ rot @ persp @ centre
-        border = (PAD_VALUE,) * 3
-        if a.perspective:
-            image = cv2.warpPerspective(image, m, (out, out), borderValue=border)
-        else:
-            image = cv2.warpAffine(image, m[:2], (out, out), borderValue=border)
-        if len(boxes) == 0:
-            return image, cls, boxes
-        corners = np.ones((len(boxes) * 4, 3))
-        corners[:, :2] = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(-1, 2)
-        corners = corners @ m.T
-        xy = corners[:, :2] / (corners[:, 2:3] if a.perspective else 1)
-        xy = xy.reshape(-1, 8)
-        new = np.stack([xy[:, 0::2].min(1), xy[:, 1::2].min(1), xy[:, 0::2].max(1), xy[:, 1::2].max(1)], 1)
-        new = np.clip(new, 0, out).astype(np.float32)
-        keep = self._candidates(boxes, new, scale)
-        return image, cls[keep], new[keep]
-
-    @staticmethod
-    def _candidates(before: np.ndarray, after: np.ndarray, scale: float) -> np.ndarray:
-        """Keep boxes that stay visible: over 2 px each side, over 10% of their area, not slivers."""
-        w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
-        w2, h2 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
-        aspect = np.maximum(w2 / (h2 + 1e-16), h2 / (w2 + 1e-16))
-        area = (w2 * h2) / (w1 * h1 * scale * scale + 1e-16)
-        return (w2 > 2) & (h2 > 2) & (area > 0.1) & (aspect < 100)
+        keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0  # boxes left outside the canvas
+        return canvas, np.concatenate(all_cls)[keep], boxes[keep]
 
     # pixels ---------------------------------------------------------------------------------
 
@@ -247,20 +274,14 @@ class Replay:
     def _pixel(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         a = self.augment
         albu_np, albu_py = _child(rng), int(rng.integers(2**63))
-        gains = rng.uniform(-1, 1, 3) * [a.hsv_h, a.hsv_s, a.hsv_v] + 1
+        shift = rng.uniform(-1, 1, 3) * [a.hsv_h, a.hsv_s, a.hsv_v]
         if a.albumentations:
             compose = self._albumentations()
             # albumentations keeps its own generators; seeding them per call makes the call pure
             compose.set_random_state(albu_np, random.Random(albu_py))
             image = compose(image=image)["image"]
         if a.hsv_h or a.hsv_s or a.hsv_v:
-            hue, sat, val = cv2.split(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
-            x = np.arange(256, dtype=np.float64)
-            lut_h = ((x * gains[0]) % 180).astype(np.uint8)
-            lut_s = np.clip(x * gains[1], 0, 255).astype(np.uint8)
-            lut_v = np.clip(x * gains[2], 0, 255).astype(np.uint8)
-            hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
-            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+            image = hsv_shift(image, shift)
         return image
 
     def _flips(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):

@@ -30,6 +30,7 @@ from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay, View
+from softlabel.student import resolve_student  # noqa: F401  (callers import it from here)
 from softlabel.teacher import Teacher, level_name
 
 DISTILL_STATE = "distill_state.pt"
@@ -334,6 +335,11 @@ def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> Non
     if list(t["names"]) != list(spec.names):
         raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
     if d["count"] != len(index) or d["images_hash"] != index.list_hash():
+        if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
+            raise UserError(
+                f"{where}: the dump skipped {sorted(d['skipped']) or 'no images'} but {spec.yaml_path} now skips "
+                f"{sorted(index.skipped_names()) or 'no images'} (Ultralytics' image and label checks)"
+            )
         raise UserError(
             f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
             f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
@@ -357,25 +363,6 @@ class StudentResult:
     epochs: int
     seconds: float
     save_dir: str
-
-
-def resolve_student(student: str):
-    """A model name (yolov8n -> Ultralytics' yolov8n.yaml), a .yaml path or a .pt checkpoint."""
-    from ultralytics import YOLO
-
-    path = Path(student)
-    if path.suffix == ".pt":
-        if not path.is_file():
-            raise UserError(f"{student}: student checkpoint not found")
-        return YOLO(str(path))
-    cfg = student if path.suffix in (".yaml", ".yml") else f"{student}.yaml"
-    try:
-        from ultralytics.nn.tasks import yaml_model_load
-
-        yaml_model_load(cfg)
-    except Exception:
-        raise UserError(f"unknown student '{student}': not an Ultralytics model name (e.g. yolov8n, yolo11s), a .yaml or a .pt") from None
-    return YOLO(cfg, task="detect")
 
 
 def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:

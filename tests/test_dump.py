@@ -19,6 +19,7 @@ from conftest import NAMES, assert_clean_error, make_dataset, run_cli
 from softlabel.cache import store
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
+from softlabel.errors import UserError
 from softlabel.augment import load_augment
 from softlabel.replay import Replay, View
 from softlabel.teacher import Teacher, to_model_input
@@ -220,25 +221,47 @@ def test_teacher_class_count_mismatch(tmp_path, dataset, existing_store):
     assert _snapshot(existing_store) == before
 
 
-def test_corrupt_image_and_bad_labels_name_the_file(tmp_path, teacher):
+def test_what_ultralytics_skips_is_skipped_recorded_or_refused_with_strict(tmp_path, teacher):
     root = tmp_path / "d"
-    data = make_dataset(root, n_train=4, n_val=1)
-    image = sorted((root / "images" / "train").glob("*"))[1]
-    original = image.read_bytes()
-    image.write_bytes(original[: len(original) // 3])
-    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c1.zarr")), image.name, "corrupt")
-    image.write_bytes(original)
-    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
-    label.write_text("0 0.5 0.5 0.2\n")
-    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c2.zarr")), f"{label}:1", "malformed")
-    label.write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
-    assert_clean_error(run_cli(*dump_args(teacher, data, tmp_path / "c3.zarr")), f"{label}:2", "class id 7")
+    data = make_dataset(root, n_train=8, n_val=1)
+    images = sorted((root / "images" / "train").glob("*"))
+    truncated = next(p for p in images if p.suffix == ".jpg")
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a JPEG cut short: PIL cannot decode it
+    label_of = lambda p: root / "labels" / "train" / f"{p.stem}.txt"  # noqa: E731
+    bad_class, bad_coord = [p for p in images if p != truncated and label_of(p).is_file()][:2]
+    label_of(bad_class).write_text("0 0.5 0.5 0.2 0.2\n7 0.5 0.5 0.2 0.2\n")
+    label_of(bad_coord).write_text("0 0.5 0.5 1.02 0.2\n")
+    bad = sorted(f"images/train/{p.name}" for p in (truncated, bad_class, bad_coord))
+
+    refused = run_cli(*dump_args(teacher, data, tmp_path / "strict.zarr", "--strict"))
+    assert_clean_error(refused, "--strict", "3 image(s)", *bad)
+    assert not (tmp_path / "strict.zarr").exists()
+
+    result = run_cli(*dump_args(teacher, data, tmp_path / "c.zarr"))
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("softlabel: warning:")]
+    for name in bad:
+        assert sum(name in ln for ln in warnings) == 1, (name, warnings)
+    assert any("3 of 8 images skipped, 5 kept" in ln for ln in warnings), warnings
+    attrs = store.read_attrs(str(tmp_path / "c.zarr"))
+    assert sorted(attrs["data"]["skipped"]) == bad and attrs["data"]["count"] == 5
+    stored = list(np.asarray(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["samples/path"][:]))
+    assert not set(bad) & set(stored) and len(stored) == 5
+    assert "3 skipped as Ultralytics skips them" in run_cli("info", tmp_path / "c.zarr").stdout
+    # train lists the data the same way: the same images skipped, the cache accepted
+    from softlabel.train import check_cache_matches
+
+    spec = load_data_yaml(data)
+    check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
+    label_of(bad_coord).write_text("0 0.5 0.5 0.2 0.2\n")  # fixed after the dump: the data is no longer the cache's
+    with pytest.raises(UserError, match="skipped"):
+        check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
+
     empty = tmp_path / "empty"
     (empty / "images" / "train").mkdir(parents=True)
-    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nnames: [{', '.join(NAMES[:3])}]\n")
-    assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "no images")
-    for i in range(1, 5):
-        assert not (tmp_path / f"c{i}.zarr").exists()
+    (empty / "data.yaml").write_text(f"path: {empty}\ntrain: images/train\nval: images/train\nnames: [{', '.join(NAMES[:3])}]\n")
+    assert_clean_error(run_cli(*dump_args(teacher, empty / "data.yaml", tmp_path / "c4.zarr")), "No images found")
+    assert not (tmp_path / "c4.zarr").exists()
 
 
 def test_newer_schema_is_refused(tmp_path, existing_store):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from softlabel.builtin import builtin_names
 from softlabel.distill.adapters import FeatureAdapters
 from softlabel.distill.losses import LOSSES, build_loss
 from softlabel.distill.schedule import DistillSchedule
@@ -337,9 +338,26 @@ def test_mimic_normalisation_choices():
         build_loss("mimic", normalize="batch")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "distill").glob("*.yaml")), ids=lambda p: p.name)
-def test_bundled_distill_configs_load(path):
+@pytest.mark.parametrize("name", ["default", "accurate", "logits_only"])
+def test_bundled_distill_configs_load_by_name_and_path(name):
+    from softlabel.builtin import builtin_path
     from softlabel.distill.config import load_distill
 
-    config = load_distill(path)
+    assert name in builtin_names("distill")
+    config = load_distill(name)
     assert {"cls", "box"} <= set(config.terms)
+    assert ("feat" in config.terms) == (name != "logits_only")
+    # the file inside the package, named by its path, is the same config
+    assert load_distill(str(builtin_path("distill", name))).to_dict() == config.to_dict()
+
+
+def test_unknown_config_name_is_refused():
+    from softlabel.augment import load_augment
+    from softlabel.distill.config import load_distill
+    from softlabel.errors import UserError
+
+    with pytest.raises(UserError, match="built-in distill config.*accurate"):
+        load_distill("acurate")
+    with pytest.raises(UserError, match="not found"):
+        load_distill("missing/acurate.yaml")
+    assert load_augment("default") == load_augment(None)

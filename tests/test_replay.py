@@ -99,7 +99,7 @@ def test_closing_views_do_not_mosaic(dataset):
     r = Replay(index, cfg, IMGSZ, 0)
     for i in range(len(index)):
         s = r(i, View("c", 0))
-        # a plain letterbox keeps every box of the image
+        # the image alone, centred without scaling or moving, keeps every box
         assert len(s.labels) == len(index.labels[i])
 
 

@@ -185,7 +185,7 @@ def test_train_stops_on_a_damaged_chunk_naming_sample_and_tensor(tmp_path, datas
     data = bytearray(shard.read_bytes())
     data[30] ^= 0x01
     shard.write_bytes(bytes(data))
-    r = run_cli("train", "--student", "yolov8n", "--cache", bad, "--data", dataset, "--epochs", 1, "--close-mosaic", 0,
+    r = run_cli("train", "--student", "yolov8n.yaml", "--cache", bad, "--data", dataset, "--epochs", 1, "--close-mosaic", 0,
                 "--batch", 12, "--device", "cpu", "--project", tmp_path / "runs")
     assert r.exit_code == 2, (r.output[-2000:], r.exception)
     line = [ln for ln in r.stderr.splitlines() if ln.strip()]

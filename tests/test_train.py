@@ -272,7 +272,7 @@ def test_unknown_student_and_bad_distill_config(tmp_path, dataset, cache):
 
 
 def test_mismatched_cache_is_refused(tmp_path, dataset, cache):
-    common = ["train", "--student", "yolov8n", "--cache", cache, "--epochs", 1, "--device", "cpu", "--project", tmp_path / "r"]
+    common = ["train", "--student", "yolov8n.yaml", "--cache", cache, "--epochs", 1, "--device", "cpu", "--project", tmp_path / "r"]
     assert_clean_error(run_cli(*common, "--data", dataset, "--imgsz", 96), "imgsz 64", "imgsz 96")
     from conftest import make_dataset
 
@@ -286,7 +286,7 @@ def test_incomplete_cache_is_refused(tmp_path, dataset, cache):
     partial = tmp_path / "partial.zarr"
     shutil.copytree(cache, partial)
     zarr.open_group(str(partial), mode="r+")["v1/done"][1] = 0
-    r = run_cli("train", "--student", "yolov8n", "--cache", partial, "--data", dataset, "--epochs", 1, "--device", "cpu",
+    r = run_cli("train", "--student", "yolov8n.yaml", "--cache", partial, "--data", dataset, "--epochs", 1, "--device", "cpu",
                 "--project", tmp_path / "r")
     assert_clean_error(r, "incomplete", "v1: 1/3 shards missing", "softlabel dump")
 

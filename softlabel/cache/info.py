@@ -54,7 +54,8 @@ def render(summary: dict[str, Any]) -> str:
         f"cache      {summary['location']}  (schema {summary['schema_version']}, softlabel {summary['softlabel_version']}, created {summary['created']})",
         f"teacher    {t['arch']}  nc={t['nc']}  strides={t['strides']}  reg_max={t['reg_max']}  sha256={t['sha256'][:12]}  {t['path']}",
         f"           feature channels {dict(zip(t['levels'], t['feature_channels']))}",
-        f"data       {d['count']} images from {d['yaml']} ({d['split']}), list hash {d['images_hash'][:12]}",
+        f"data       {d['count']} images from {d['yaml']} ({d['split']}), list hash {d['images_hash'][:12]}"
+        + (f", {len(d['skipped'])} skipped as Ultralytics skips them" if d.get("skipped") else ""),
         f"augment    imgsz={a['imgsz']} seed={a['seed']} views={a['views']} close_views={a['close_views']} "
         + " ".join(f"{k}={v}" for k, v in a.items() if k not in ("imgsz", "seed", "views", "close_views")),
         f"storage    {s.get('precision', s['dtype'])}, codec head {s['codec']['head']['preset']} / feat {s['codec']['feat']['preset']}, "

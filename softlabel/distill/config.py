@@ -1,4 +1,4 @@
-"""Read a distillation YAML (configs/distill/*.yaml) into built loss modules and a schedule."""
+"""Read a distillation YAML (a built-in one, softlabel/configs/distill/*.yaml, or the user's) into built loss modules and a schedule."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from softlabel.distill.adapters import ADAPTERS
 from softlabel.distill.losses import LOSSES, build_loss
 from softlabel.distill.schedule import DistillSchedule
+from softlabel.builtin import builtin_path, resolve_config
 from softlabel.errors import UserError
 from softlabel.yamlfile import read_mapping
 
@@ -21,7 +22,7 @@ TERMS = ("cls", "box", "feat")
 # so a level where the teacher sees nothing adds nearly nothing, whatever a sparse head
 # reconstructed there.
 LEVEL_BALANCE = ("equal", "confidence")
-DEFAULT_DISTILL = Path(__file__).resolve().parents[2] / "configs" / "distill" / "default.yaml"
+DEFAULT_DISTILL = builtin_path("distill")
 
 
 @dataclass(frozen=True)
@@ -129,5 +130,6 @@ def _positions(raw: Any, source: str) -> int | None:
 
 
 def load_distill(path: str | Path | None = None) -> DistillConfig:
-    path = Path(path) if path else DEFAULT_DISTILL
+    """A built-in config by name (default, accurate, logits_only) or a YAML path; None: the default."""
+    path = resolve_config("distill", path, "--distill")
     return parse_distill(read_mapping(path, "distillation config"), str(path))

@@ -71,7 +71,7 @@ class Distiller(nn.Module):
             if not teacher_levels:
                 raise UserError(
                     f"{config.source}: the 'feat' term needs teacher features, but the cache holds no features "
-                    "(dumped with --no-features); use a config without 'feat', e.g. configs/distill/logits_only.yaml"
+                    "(dumped with --no-features); use a config without 'feat', e.g. --distill logits_only"
                 )
             wanted = list(config.terms["feat"].levels or teacher_levels)
             missing = [lvl for lvl in wanted if lvl not in teacher_levels or lvl not in student_levels]
