@@ -54,6 +54,7 @@ class DumpSettings:
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
     shard_size: int = 16
     progress: bool = True
+    half: bool = True  # float16 teacher on CUDA (the precision used is recorded as teacher.compute_dtype)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def prepare(settings: DumpSettings):
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)
     device = resolve_device(settings.device)
-    teacher = Teacher.load(settings.teacher, device=device)
+    teacher = Teacher.load(settings.teacher, device=device, amp=settings.half)
     info = teacher.info
     if info.nc != spec.nc:
         raise UserError(f"{settings.teacher}: teacher predicts {info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
@@ -194,6 +195,7 @@ def prepare(settings: DumpSettings):
         raise UserError(f"--imgsz {settings.imgsz} must be a multiple of the teacher's largest stride {max(info.strides)}")
     index = build_index(spec, "train")
     attrs = _dump_attrs(settings, info, spec, index, augment, levels)
+    attrs["teacher"]["compute_dtype"] = teacher.compute_dtype  # verify's tolerance depends on it
     replay = Replay(index, augment, settings.imgsz, settings.seed)
     return teacher, replay, attrs
 
