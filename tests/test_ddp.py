@@ -1,0 +1,164 @@
+"""Training on two ranks (gloo, CPU) through the real DistillTrainer equals training in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+from softlabel.sampler import EpochSampler
+from softlabel.teacher import save_checkpoint_from_yaml
+from softlabel.toydata import NAMES
+
+IMGSZ = 64
+RANK_SCRIPT = Path(__file__).with_name("ddp_rank.py")
+TIMEOUT = 240  # seconds for one launch: a rank waiting on a collective the other never joins fails here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, name: str, world: int, spec: dict) -> list[dict]:
+    """Start `world` ranks (or one plain process for world 0) as torch.distributed.run would, and
+    return each rank's record; kill them all if they run past TIMEOUT."""
+    out = tmp / name
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps({**spec, "out": str(out)}))
+    port = str(_free_port())
+    procs = []
+    for rank in range(max(world, 1)):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        env.update(OMP_NUM_THREADS="1", YOLO_OFFLINE="1", YOLO_VERBOSE="False", PYTHONPATH=str(RANK_SCRIPT.parents[1]))
+        if world:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        log = open(out / f"log{rank}.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(out / "spec.json")], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{name}: ranks still running after {TIMEOUT} s (a hang in a collective?)\n" + _tail(out))
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"{name}: rank(s) {failed} failed\n" + _tail(out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(max(world, 1))]
+
+
+def _tail(out: Path) -> str:
+    return "\n".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in sorted(out.glob("log*.txt")))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, dataset, teacher):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cache = tmp / "cache.zarr"
+    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", cache, "--imgsz", IMGSZ, "--batch", 4,
+                "--views", 1, "--close-views", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
+    # one position per image: the two images of a rank choose at most two of the three levels, so
+    # every step leaves an adapter without a gradient on each rank, and the ranks must still join
+    # the same all-reduce and average over both
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "default.yaml").read_text())
+    cfg["feat"]["positions"] = 1
+    distill = tmp / "distill.yaml"
+    distill.write_text(yaml.safe_dump(cfg))
+    # Detection gains 0: Ultralytics normalises the detection loss by each rank's own target score sum,
+    # clamped at 1, which at random init with two images per rank makes the DDP detection gradient
+    # half of one process's. That is Ultralytics' DDP, not softlabel's; the distillation terms, the
+    # adapters and the student's DDP gradients are what is compared here.
+    args = dict(model=str(student), data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu",
+                plots=False, project=str(tmp / "runs"), exist_ok=True, seed=0, nbs=4, close_mosaic=1, amp=False,
+                optimizer="SGD", lr0=0.02, warmup_epochs=0, val=False, box=0.0, cls=0.0, dfl=0.0)
+    return tmp, {"cache": str(cache), "distill": str(distill), "args": args, "running_stats_bn": True}
+
+
+def _flat(params: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).double() for v in params.values()])
+
+
+def _assert_same_on_ranks(records: list[dict], when: str) -> None:
+    for part in ("student", "adapters"):
+        a, b = records[0][when][part], records[1][when][part]
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{part} at {when}: ranks differ in {differ[:5]}"
+
+
+# Tolerances. One process and two ranks compute the same sums in another order (two half batches
+# and a gloo all-reduce instead of one batch), in float32: measured differences are about 1e-7 of
+# the parameter updates and below 1e-5 of the losses. A sync error is a factor of 2 (gradients
+# summed, or not averaged over a rank that skipped a parameter) or a different direction, so
+# 1e-3 of the update and 1e-4 of each loss item separate the two by orders of magnitude.
+UPDATE_RTOL = 1e-3
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-7
+
+
+@pytest.mark.slow
+def test_two_ranks_train_as_one_process_and_resume(setup):
+    tmp, spec = setup
+    n = 12  # make_dataset's training images
+    # every run stops at the end of its last epoch (after the in-loop validation and save): the final
+    # validation of best.pt builds its model on a CUDA device on a DDP rank
+    one = _launch(tmp, "one", 0, {**spec, "args": {**spec["args"], "name": "one"}, "stop_after": 1})[0]
+    two = _launch(tmp, "two", 2, {**spec, "args": {**spec["args"], "name": "two"}, "stop_after": 0})
+    last = Path(spec["args"]["project"]) / "two" / "weights" / "last.pt"
+    resumed = _launch(tmp, "resumed", 2, {**spec, "args": {"resume": str(last), "data": spec["args"]["data"]}, "stop_after": 1})
+
+    # the adapters start identical on both ranks and equal to one process's (built from the seed, then broadcast)
+    _assert_same_on_ranks(two, "start")
+    assert torch.equal(_flat(two[0]["start"]["adapters"]), _flat(one["start"]["adapters"]))
+    # after the steps, every student and adapter parameter is identical on both ranks
+    _assert_same_on_ranks(two, "end")
+    _assert_same_on_ranks(resumed, "end")
+
+    # each rank saw a distinct half; together, one process's global batches in its order
+    for records, epoch in ((two, 0), (resumed, 1)):
+        seen = [[i for s in r["steps"] for i in s["samples"]] for r in records]
+        assert all(len(s) == n // 2 for s in seen) and not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(n))
+        assert all(e == epoch for r in records for s in r["steps"] for e in s["epoch"])
+        reference = [sorted(s["samples"]) for s in one["steps"] if s["epoch"][0] == epoch]
+        assert [sorted(a["samples"] + b["samples"]) for a, b in zip(*(r["steps"] for r in records))] == reference
+        for r in records:
+            assert seen[r["rank"]] == EpochSampler(n, seed=0, rank=r["rank"], world=2).order(epoch)[r["rank"] :: 2]
+    # the resumed run continued at epoch 1 (a closing epoch) on both ranks
+    assert [r["start_epoch"] for r in resumed] == [1, 1]
+
+    # every sample a rank loaded had its replayed and cached fingerprints compared, and they matched
+    for records, view in ((two, "v0"), (resumed, "c0")):
+        for r in records:
+            loaded = {f"{view}/{i}" for s in r["steps"] for i in s["samples"]}
+            assert set(r["fingerprints"]) == loaded
+            assert all(fp["replayed"] == fp["cached"] for fp in r["fingerprints"].values())
+
+    # the loss trajectory: each step's loss items, averaged over the ranks as DDP averages gradients,
+    # equal one process's on the same global batch
+    steps = [s for s in one["steps"] if s["epoch"][0] == 0]
+    assert len(steps) == len(two[0]["steps"]) == 3
+    for k, ref in enumerate(steps):
+        for item, value in ref["loss"].items():
+            ddp = sum(r["steps"][k]["loss"][item] for r in two) / 2
+            assert abs(ddp - value) <= LOSS_RTOL * abs(value) + LOSS_ATOL, (k, item, ddp, value)
+    assert steps[0]["loss"]["kd_feat"] > 0
+    # and the parameters moved alike: the update of the two ranks equals one process's
+    for part in ("student", "adapters"):
+        start = _flat(one["start"][part])
+        mine, theirs = _flat(two[0]["end"][part]) - start, _flat(one["epochs"][0][part]) - start
+        assert theirs.norm() > 0
+        assert (mine - theirs).norm() <= UPDATE_RTOL * theirs.norm(), (part, float((mine - theirs).norm() / theirs.norm()))
