@@ -162,3 +162,74 @@ def test_two_ranks_train_as_one_process_and_resume(setup):
         mine, theirs = _flat(two[0]["end"][part]) - start, _flat(one["epochs"][0][part]) - start
         assert theirs.norm() > 0
         assert (mine - theirs).norm() <= UPDATE_RTOL * theirs.norm(), (part, float((mine - theirs).norm() / theirs.norm()))
+
+
+# the sampler ---------------------------------------------------------------------------------
+
+
+def test_sampler_has_ultralytics_distributed_semantics():
+    """set_epoch (Ultralytics calls it on every rank), distinct equal shares, one order per epoch from the seed."""
+    n, world = 10, 3
+    samplers = [EpochSampler(n, seed=5, rank=r, world=world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(4)  # a resumed run's first epoch
+    parts = [list(s) for s in samplers]
+    assert all(len(p) == 4 for p in parts) and all(e == 4 for p in parts for _, e in p)
+    assert sorted({i for p in parts for i, _ in p}) == list(range(n))  # 12 slots: two indices repeat to pad
+    full = samplers[0].order(4)  # the one order, whatever the world size, padded with its own start
+    assert full[:n] == EpochSampler(n, seed=5).order(4) and full[n:] == full[: 12 - n]
+    assert [i for i, _ in parts[1]] == full[1::world]
+    assert EpochSampler(n, seed=5).order(4) != EpochSampler(n, seed=6).order(4)
+    assert [i for i, _ in parts[0]] != [i for i, _ in EpochSampler(n, seed=5, rank=0, world=world)]  # epoch 0 differs
+
+
+def test_sampler_pass_started_ahead_keeps_its_epoch():
+    """A worker may start the next pass before the trainer calls set_epoch for it: the pass already says its epoch."""
+    s = EpochSampler(6, seed=0)
+    s.set_epoch(0)
+    assert {e for _, e in s} == {0}
+    ahead = iter(s)
+    first = next(ahead)  # prefetched: epoch 1 begins before set_epoch(1)
+    s.set_epoch(1)
+    assert first[1] == 1 and {e for _, e in ahead} == {1}
+    s.set_epoch(2)
+    assert {e for _, e in s} == {2}
+    with pytest.raises(ValueError, match="rank 2"):
+        EpochSampler(6, seed=0, rank=2, world=2)
+
+
+# the adapters' learning rate --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def optimizer_trainer(setup):
+    from softlabel.train import make_trainer
+
+    tmp, spec = setup
+    args = {k: v for k, v in spec["args"].items() if k not in ("optimizer", "lr0")}
+    trainer = make_trainer(cache=spec["cache"])(overrides={**args, "name": "optim"})
+    trainer._open_sources()
+    return trainer
+
+
+@pytest.mark.parametrize("name, iterations, lr", [("SGD", 100, 0.01), ("AdamW", 100, 0.001), ("MuSGD", 100, 0.01), ("auto", 20_000, None)])
+def test_adapter_groups_take_the_base_learning_rate(optimizer_trainer, name, iterations, lr):
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    trainer = optimizer_trainer
+    optimizer = trainer.build_optimizer(model, name=name, lr=lr or 0.5, momentum=0.9, decay=5e-4, iterations=iterations)
+    base = lr if lr is not None else trainer.args.lr0  # "auto" picks MuSGD and its lr0 for this many iterations
+    if name in ("MuSGD", "auto"):
+        assert type(optimizer).__name__ == "MuSGD"
+        assert any(g["lr"] == pytest.approx(3 * base) for g in optimizer.param_groups)  # the head's boosted groups
+    mine = {id(p): n for n, p in trainer.distiller.named_parameters()}
+    assert mine
+    found = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in mine:
+                found.add(id(p))
+                assert group["lr"] == pytest.approx(base), (name, mine[id(p)], group["lr"])
+                assert group["weight_decay"] == (0.0 if mine[id(p)].endswith("bias") else pytest.approx(5e-4))
+    assert found == set(mine)
