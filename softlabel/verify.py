@@ -97,6 +97,7 @@ def run_verify(
     attrs = reader.attrs
     precision = reader.layout.precision
     default_atol, default_rtol = TOLERANCE[precision]
+    widen = atol is None, rtol is None  # only defaults grow for a float16 teacher; a given tolerance is taken as given
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     report = VerifyReport(atol=atol, rtol=rtol)
@@ -109,9 +110,9 @@ def run_verify(
     dumped = attrs["teacher"].get("compute_dtype", "float16")  # a store that predates the record: assume the coarser
     t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device), amp=dumped == "float16" if half is None else half)
     report.compute = f"teacher {dumped} in the dump, {t.compute_dtype} here"
-    if "float16" in (dumped, t.compute_dtype):  # widen only the defaults: --atol/--rtol are taken as given
-        report.atol += HALF_COMPUTE_TOLERANCE[0] if atol is None else 0.0
-        report.rtol += HALF_COMPUTE_TOLERANCE[1] if rtol is None else 0.0
+    if "float16" in (dumped, t.compute_dtype):
+        report.atol += HALF_COMPUTE_TOLERANCE[0] if widen[0] else 0.0
+        report.rtol += HALF_COMPUTE_TOLERANCE[1] if widen[1] else 0.0
     atol, rtol = report.atol, report.rtol
     if t.info.sha256 != attrs["teacher"]["sha256"]:
         raise UserError(f"{teacher or attrs['teacher']['path']}: not the checkpoint the cache was dumped with (sha256 differs)")
