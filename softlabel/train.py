@@ -281,6 +281,7 @@ class DistillTrainer(DetectionTrainer):
         self.epoch_sampler.next_epoch = self.start_epoch
         self.train_loader.reset()
         self.add_callback("on_train_epoch_start", _set_schedule_factor)
+        self.add_callback("on_train_epoch_start", _replay_an_epoch_begun_again)
 
     def optimizer_step(self):
         if self.world_size > 1:  # the adapters sit outside the DDP wrapper: one all-reduce of all their gradients
@@ -315,6 +316,15 @@ def add_param_groups(optimizer: torch.optim.Optimizer, named: list[tuple[str, to
     for params, wd, tag in ((weights, decay, "weight"), (biases, 0.0, "bias")):
         if params:
             optimizer.add_param_group({**hyper, "params": params, "lr": lr, "weight_decay": wd, "param_group": tag})
+
+
+def _replay_an_epoch_begun_again(trainer: DistillTrainer) -> None:
+    """Ultralytics runs an epoch again after NaN recovery or an out-of-memory retry; the sampler has
+    moved on (its workers may have drawn ahead), so it restarts at that epoch with a fresh iterator."""
+    if trainer.epoch == getattr(trainer, "_epoch_begun", None):
+        trainer.epoch_sampler.next_epoch = trainer.epoch
+        trainer.train_loader.reset()
+    trainer._epoch_begun = trainer.epoch
 
 
 def _set_schedule_factor(trainer: DistillTrainer) -> None:

@@ -121,6 +121,11 @@ def main(spec: dict) -> None:
                 dataset.reader = _Recorder(dataset.reader, record["fingerprints"], "cached")
             return dataset
 
+        def optimizer_step(self):
+            # which adapter parameters this rank's backward left without a gradient (before the all-reduce)
+            record["steps"][-1]["no_grad"] = [n for n, p in self.distiller.named_parameters() if p.grad is None]
+            super().optimizer_step()
+
         def preprocess_batch(self, batch):
             record["steps"].append({"epoch": batch["epoch"].tolist(), "samples": batch["sample"].tolist()})
             return super().preprocess_batch(batch)
