@@ -284,3 +284,21 @@ def test_adapter_groups_take_the_base_learning_rate(optimizer_trainer, name, ite
                 assert group["lr"] == pytest.approx(base), (name, mine[id(p)], group["lr"])
                 assert group["weight_decay"] == (0.0 if mine[id(p)].endswith("bias") else pytest.approx(5e-4))
     assert found == set(mine)
+
+
+def test_an_epoch_run_again_is_replayed_from_its_start():
+    """NaN recovery and an out-of-memory retry run an epoch again; its batches must say that epoch again."""
+    from types import SimpleNamespace
+
+    from softlabel.train import _replay_an_epoch_begun_again
+
+    sampler = EpochSampler(4, seed=0)
+    resets = []
+    trainer = SimpleNamespace(epoch=0, epoch_sampler=sampler, train_loader=SimpleNamespace(reset=lambda: resets.append(1)))
+    _replay_an_epoch_begun_again(trainer)
+    assert {e for _, e in sampler} == {0} and not resets
+    trainer.epoch = 1
+    _replay_an_epoch_begun_again(trainer)
+    assert {e for _, e in sampler} == {1} and not resets
+    _replay_an_epoch_begun_again(trainer)  # epoch 1 again
+    assert resets == [1] and {e for _, e in sampler} == {1}
