@@ -92,7 +92,7 @@ def _level_neutral_teacher(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, dataset):
+def ddp_setup(tmp_path_factory, dataset):
     tmp = tmp_path_factory.mktemp("ddp")
     teacher = _level_neutral_teacher(tmp / "teacher.pt")
     cache = tmp / "cache.zarr"
@@ -144,8 +144,8 @@ LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-7
 
 
 @pytest.mark.slow
-def test_two_ranks_train_as_one_process_and_resume(setup):
-    tmp, spec, configs = setup
+def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
+    tmp, spec, configs = ddp_setup
     spec = {**spec, "distill": str(configs["even"])}
     n = 12  # make_dataset's training images
     # every run stops at the end of its last epoch (after the in-loop validation and save): the final
@@ -200,9 +200,9 @@ def test_two_ranks_train_as_one_process_and_resume(setup):
 
 
 @pytest.mark.slow
-def test_ranks_that_leave_different_adapters_without_gradient_stay_in_step(setup):
+def test_ranks_that_leave_different_adapters_without_gradient_stay_in_step(ddp_setup):
     """Every rank joins the one all-reduce whichever adapters its batch used, so nothing hangs and the replicas agree."""
-    tmp, spec, configs = setup
+    tmp, spec, configs = ddp_setup
     spec = {**spec, "distill": str(configs["uneven"])}
     two = _launch(tmp, "uneven", 2, {**spec, "args": {**spec["args"], "name": "uneven", "epochs": 1, "close_mosaic": 0}, "stop_after": 0})
     assert all(s["no_grad"] for r in two for s in r["steps"])
@@ -253,10 +253,10 @@ def test_sampler_pass_started_ahead_keeps_its_epoch():
 
 
 @pytest.fixture(scope="module")
-def optimizer_trainer(setup):
+def optimizer_trainer(ddp_setup):
     from softlabel.train import make_trainer
 
-    tmp, spec, _ = setup
+    tmp, spec, _ = ddp_setup
     args = {k: v for k, v in spec["args"].items() if k not in ("optimizer", "lr0")}
     trainer = make_trainer(cache=spec["cache"])(overrides={**args, "name": "optim"})
     trainer._open_sources()
