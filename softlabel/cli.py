@@ -98,7 +98,9 @@ def main() -> None:
                    "a folder or file holding anything else is refused and left untouched.")
 @click.option("--strict", is_flag=True, help="Refuse images and labels Ultralytics would skip (corrupt, class id >= nc, ...) instead of skipping them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet):
+@click.option("--half/--no-half", default=True, show_default=True,
+              help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -111,7 +113,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features,
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor,
-        shard_size=shard_size, progress=not quiet, strict=strict,
+        shard_size=shard_size, progress=not quiet, strict=strict, half=half,
     )
     result = run_dump(settings)
     click.echo(
@@ -140,14 +142,16 @@ def info(store, as_json):
 @click.option("--atol", default=None, type=float, help="Absolute tolerance per value [default: by the store's precision].")
 @click.option("--rtol", default=None, type=float, help="Relative tolerance per value [default: by the store's precision].")
 @click.option("--no-scan", is_flag=True, help="Skip reading every chunk for checksum errors.")
-def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
+@click.option("--half/--no-half", default=None,
+              help="Run the teacher in float16 (CUDA only) or float32 [default: as the dump did]; a float16 side widens the default tolerance.")
+def verify(store, samples, teacher, data, device, atol, rtol, no_scan, half):
     """Check a cache: every chunk's checksum, then cache == live teacher on replayed samples.
 
     Exits 0 when all is well, 1 on any corrupt chunk, fingerprint mismatch or error beyond tolerance.
     """
     from softlabel.verify import render, run_verify
 
-    report = run_verify(store, samples=samples, teacher=teacher, data=data, device=device, atol=atol, rtol=rtol, scan=not no_scan)
+    report = run_verify(store, samples=samples, teacher=teacher, data=data, device=device, atol=atol, rtol=rtol, scan=not no_scan, half=half)
     click.echo(render(report))
     if not report.ok:
         sys.exit(1)
@@ -176,7 +180,9 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan):
 @click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Online mode: closing views, as a dump would.")
 @click.option("--augment", default=None, help="Online mode: augmentation config, a built-in name or a YAML path [default: default].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
-def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed):
+@click.option("--half/--no-half", default=None,
+              help="Online mode: run the teacher in float16 (CUDA only) or float32 [default: as the student's AMP].")
+def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed, half):
     """Train one or more students against a cache (or a live teacher), then print a table.
 
     Any other Ultralytics training argument follows in its own KEY=VALUE form, e.g. lr0=0.005
@@ -202,7 +208,7 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
     for student in students:
         check_student(student)
     settings = dict(cache=cache, teacher_path=teacher, distill_config=distill, replay_seed=replay_seed,
-                    augment_config=augment, views=views, close_views=close_views)
+                    augment_config=augment, views=views, close_views=close_views, teacher_half=half)
     args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
                 plots=plots, exist_ok=False)
     args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})

@@ -56,6 +56,7 @@ class DumpSettings:
     shard_size: int = 16
     progress: bool = True
     strict: bool = False  # refuse images Ultralytics would skip, instead of skipping them
+    half: bool = True  # float16 teacher on CUDA (the precision used is recorded as teacher.compute_dtype)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def prepare(settings: DumpSettings):
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)
     device = resolve_device(settings.device)
-    teacher = Teacher.load(settings.teacher, device=device)
+    teacher = Teacher.load(settings.teacher, device=device, amp=settings.half)
     info = teacher.info
     check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)
@@ -226,6 +227,7 @@ def prepare(settings: DumpSettings):
     index = build_index(spec, "train", strict=settings.strict)
     check_out_outside_data(settings.out, index)
     attrs = _dump_attrs(settings, info, spec, index, augment, levels)
+    attrs["teacher"]["compute_dtype"] = teacher.compute_dtype  # verify's tolerance depends on it
     replay = Replay(index, augment, settings.imgsz, settings.seed)
     return teacher, replay, attrs
 

@@ -135,7 +135,12 @@ class Teacher:
         self.model = model.to(self.device).eval().float()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp and self.device.type == "cuda"  # float16 autocast exists on CUDA only; elsewhere float32
+
+    @property
+    def compute_dtype(self) -> str:
+        """The precision the forward actually runs in, as a cache records it."""
+        return "float16" if self.amp else "float32"
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True) -> "Teacher":

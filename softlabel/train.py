@@ -3,19 +3,19 @@
 What stays Ultralytics': the model, the detection loss and its assignment, optimizer, schedule,
 EMA, AMP, validation, checkpoints and resume. What is ours: the training dataset (replayed
 samples plus teacher tensors), the epoch-carrying sampler, and the distillation terms added to
-the criterion. Adapters live on the trainer, never on the model, so checkpoints stay plain.
+the criterion. Adapters live on the trainer, never on the model, so checkpoints stay plain; under
+DDP they are kept identical on every rank by softlabel.ddp.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from ultralytics.data.build import InfiniteDataLoader
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -25,12 +25,14 @@ from ultralytics.utils.torch_utils import unwrap_model
 from softlabel.augment import AugmentConfig, load_augment
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
+from softlabel.ddp import average_gradients, broadcast_parameters
 from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay, View
 from softlabel.student import resolve_student  # noqa: F401  (callers import it from here)
+from softlabel.sampler import EpochSampler
 from softlabel.teacher import Teacher, level_name
 
 DISTILL_STATE = "distill_state.pt"
@@ -52,27 +54,6 @@ class ViewPlan:
         if self.closing(epoch):
             return View("c", epoch % self.close_views)
         return View("v", epoch % self.views)
-
-
-class EpochSampler(Sampler):
-    """Yields (index, epoch): the epoch travels with every index into the workers, so a persistent
-    worker never has to be told which epoch it is. Counts epochs itself, one per pass."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.next_epoch = 0
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.world)
-
-    def __iter__(self):
-        epoch = self.next_epoch
-        self.next_epoch += 1
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order += order[: len(self) * self.world - self.n]  # equal share per rank
-        for i in order[self.rank :: self.world]:
-            yield i, epoch
 
 
 class DistillDataset(Dataset):
@@ -172,6 +153,12 @@ class DistillTrainer(DetectionTrainer):
     augment_config: str | None = None  # online mode
     views: int = 1  # online mode
     close_views: int = 1  # online mode
+    teacher_half: bool | None = None  # online mode: float16 teacher on CUDA; None follows the student's amp
+
+    def _teacher_half(self) -> bool:
+        if self.teacher_half is not None:
+            return bool(self.teacher_half)
+        return self.args.amp not in (False, "fp32", "False")
 
     def get_model(self, cfg=None, weights=None, verbose=True):
         # a pruned student keeps its own narrower layers: Ultralytics would rebuild it from its yaml at full width
@@ -203,7 +190,7 @@ class DistillTrainer(DetectionTrainer):
             views, close_views = int(attrs["augment"]["views"]), int(attrs["augment"]["close_views"])
             self.reader = reader
         else:
-            teacher = Teacher.load(self.teacher_path, device=self.device)
+            teacher = Teacher.load(self.teacher_path, device=self.device, amp=self._teacher_half())
             if teacher.info.nc != spec.nc:
                 raise UserError(f"{self.teacher_path}: teacher predicts {teacher.info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
             self.live_teacher = teacher
@@ -274,31 +261,32 @@ class DistillTrainer(DetectionTrainer):
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         levels, channels, reg_max, _, _ = student_levels(model)
         self.student_level_names = levels
-        self.distiller = Distiller(
-            load_distill(self.distill_config), reg_max, levels, channels, self.teacher_levels, self.teacher_channels
-        ).to(self.device)
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        if params:
-            ref = next(g for g in optimizer.param_groups if g.get("param_group") == "weight")
-            optimizer.add_param_group({**{k: v for k, v in ref.items() if k != "params"}, "params": params})
+        # Built from the training seed alone: Ultralytics seeds every rank differently (seed + 1 + RANK),
+        # and a single-process run and each DDP rank must start from the same adapters.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.args.seed))
+            distiller = Distiller(
+                load_distill(self.distill_config), reg_max, levels, channels, self.teacher_levels, self.teacher_channels
+            )
+        self.distiller = distiller.to(self.device)
+        base_lr = self.args.lr0 if str(name).lower() == "auto" else lr  # "auto" has just chosen the optimizer and lr0
+        add_param_groups(optimizer, list(self.distiller.named_parameters()), base_lr, decay)
         return optimizer
 
     def _setup_train(self):
         super()._setup_train()
         model = unwrap_model(self.model)
         model.criterion = DistillLoss(model, self.distiller, self.student_level_names)
+        if self.world_size > 1:  # built or resumed alike on every rank; rank 0's copy is the one every rank keeps
+            broadcast_parameters(self.distiller)
         self.epoch_sampler.next_epoch = self.start_epoch
         self.train_loader.reset()
         self.add_callback("on_train_epoch_start", _set_schedule_factor)
+        self.add_callback("on_train_epoch_start", _replay_an_epoch_begun_again)
 
     def optimizer_step(self):
-        if self.world_size > 1:  # adapters sit outside DDP: average their gradients by hand
-            import torch.distributed as dist
-
-            for p in self.distiller.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world_size
+        if self.world_size > 1:  # the adapters sit outside the DDP wrapper: one all-reduce of all their gradients
+            average_gradients([p for p in self.distiller.parameters() if p.requires_grad], self.world_size)
         super().optimizer_step()
 
     def save_model(self):
@@ -312,6 +300,32 @@ class DistillTrainer(DetectionTrainer):
             state = Path(self.args.model).parent / DISTILL_STATE
             if state.is_file():
                 self.distiller.load_state_dict(torch.load(state, map_location=self.device)["distiller"])
+
+
+def add_param_groups(optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], lr: float, decay: float) -> None:
+    """Add the distiller's trainable parameters to an optimizer Ultralytics built, at the student's
+    base learning rate: weights with the student's weight decay, biases without.
+
+    The other hyperparameters (momentum, betas, nesterov) come from Ultralytics' "weight" group. Its
+    groups are no template for lr: MuSGD raises the head's groups to 3x lr0, and lists them first.
+    Groups keep Ultralytics' "param_group" tags, which its warm-up reads (biases warm up from warmup_bias_lr).
+    """
+    ref = next(g for g in optimizer.param_groups if g.get("param_group") == "weight")
+    hyper = {k: v for k, v in ref.items() if k not in ("params", "lr", "initial_lr", "weight_decay", "param_group", "use_muon")}
+    weights = [p for n, p in named if p.requires_grad and not n.endswith("bias")]
+    biases = [p for n, p in named if p.requires_grad and n.endswith("bias")]
+    for params, wd, tag in ((weights, decay, "weight"), (biases, 0.0, "bias")):
+        if params:
+            optimizer.add_param_group({**hyper, "params": params, "lr": lr, "weight_decay": wd, "param_group": tag})
+
+
+def _replay_an_epoch_begun_again(trainer: DistillTrainer) -> None:
+    """Ultralytics runs an epoch again after NaN recovery or an out-of-memory retry; the sampler has
+    moved on (its workers may have drawn ahead), so it restarts at that epoch with a fresh iterator."""
+    if trainer.epoch == getattr(trainer, "_epoch_begun", None):
+        trainer.epoch_sampler.next_epoch = trainer.epoch
+        trainer.train_loader.reset()
+    trainer._epoch_begun = trainer.epoch
 
 
 def _set_schedule_factor(trainer: DistillTrainer) -> None:

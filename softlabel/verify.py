@@ -21,6 +21,9 @@ from softlabel.teacher import Teacher, to_model_input
 
 # (atol, rtol) per stored precision: a few units of rounding of that format
 TOLERANCE = {"float16": (4e-3, 4e-3), "bfloat16": (8e-3, 1.6e-2), "int8": (4e-3, 4e-3)}
+# (atol, rtol) added when the dump's or this check's teacher ran in float16 (autocast on CUDA): its
+# activations round at 2**-11 relative in every layer, far coarser than a float32 forward
+HALF_COMPUTE_TOLERANCE = (1e-2, 1e-2)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class VerifyReport:
     tensors: dict[str, TensorError] = field(default_factory=dict)
     atol: float = 0.0
     rtol: float = 0.0
+    compute: str = ""  # the teacher's precision in the dump and in this check
 
     @property
     def ok(self) -> bool:
@@ -146,13 +150,16 @@ def run_verify(
     atol: float | None = None,
     rtol: float | None = None,
     scan: bool = True,
+    half: bool | None = None,
 ) -> VerifyReport:
+    """`half`: run the teacher in float16 (CUDA only); None runs it as the dump did."""
     from softlabel.dump import resolve_device
 
     reader = CacheReader(location)
     attrs = reader.attrs
     precision = reader.layout.precision
     default_atol, default_rtol = TOLERANCE[precision]
+    widen = atol is None, rtol is None  # only defaults grow for a float16 teacher; a given tolerance is taken as given
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     report = VerifyReport(atol=atol, rtol=rtol)
@@ -165,7 +172,13 @@ def run_verify(
     index = build_index(spec, attrs["data"]["split"], check_images=False)
     if index.list_hash() != attrs["data"]["images_hash"]:
         raise UserError(f"{spec.yaml_path}: the images or labels differ from the ones the cache was dumped from")
-    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device))
+    dumped = attrs["teacher"].get("compute_dtype", "float16")  # a store that predates the record: assume the coarser
+    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device), amp=dumped == "float16" if half is None else half)
+    report.compute = f"teacher {dumped} in the dump, {t.compute_dtype} here"
+    if "float16" in (dumped, t.compute_dtype):
+        report.atol += HALF_COMPUTE_TOLERANCE[0] if widen[0] else 0.0
+        report.rtol += HALF_COMPUTE_TOLERANCE[1] if widen[1] else 0.0
+    atol, rtol = report.atol, report.rtol
     if t.info.sha256 != attrs["teacher"]["sha256"]:
         raise UserError(f"{teacher or attrs['teacher']['path']}: not the checkpoint the cache was dumped with (sha256 differs)")
     aug = attrs["augment"]
@@ -219,7 +232,7 @@ def render(report: VerifyReport) -> str:
         *(f"  corrupt     {c}" for c in report.corrupt),
         f"fingerprints  {report.fingerprints_checked - len(report.fingerprint_mismatches)}/{report.fingerprints_checked} match",
         *(f"  mismatch    {m}" for m in report.fingerprint_mismatches),
-        f"{'tensor':<12}{'max abs err':>14}{'max rel err':>14}  status (tolerance {report.atol:g} + {report.rtol:g}*|x|)",
+        f"{'tensor':<12}{'max abs err':>14}{'max rel err':>14}  status (tolerance {report.atol:g} + {report.rtol:g}*|x|; {report.compute})",
     ]
     for name, e in sorted(report.tensors.items()):
         lines.append(f"{name:<12}{e.max_abs:>14.3e}{e.max_rel:>14.3e}  {'ok' if e.bad == 0 else f'{e.bad} samples beyond tolerance'}")

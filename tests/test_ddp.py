@@ -1,0 +1,304 @@
+"""Training on two ranks (gloo, CPU) through the real DistillTrainer equals training in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+
+from softlabel.sampler import EpochSampler
+from softlabel.teacher import save_checkpoint_from_yaml
+from softlabel.toydata import NAMES
+
+IMGSZ = 64
+RANK_SCRIPT = Path(__file__).with_name("ddp_rank.py")
+TIMEOUT = 240  # seconds for one launch: a rank waiting on a collective the other never joins fails here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, name: str, world: int, spec: dict) -> list[dict]:
+    """Start `world` ranks (or one plain process for world 0) as torch.distributed.run would, and
+    return each rank's record; kill them all if they run past TIMEOUT."""
+    out = tmp / name
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps({**spec, "out": str(out)}))
+    port = str(_free_port())
+    procs = []
+    for rank in range(max(world, 1)):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        env.update(OMP_NUM_THREADS="1", YOLO_OFFLINE="1", YOLO_VERBOSE="False", PYTHONPATH=str(RANK_SCRIPT.parents[1]))
+        if world:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        log = open(out / f"log{rank}.txt", "w")
+        procs.append(subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(out / "spec.json")], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"{name}: ranks still running after {TIMEOUT} s (a hang in a collective?)\n" + _tail(out))
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"{name}: rank(s) {failed} failed\n" + _tail(out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(max(world, 1))]
+
+
+def _tail(out: Path) -> str:
+    return "\n".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in sorted(out.glob("log*.txt")))
+
+
+def _level_neutral_teacher(path: Path) -> Path:
+    """A seeded random yolov8n teacher whose class logits vary from anchor to anchor on every level.
+
+    With Ultralytics' initialisation a random network's features shrink to 1e-5 and less, so its
+    logits equal the class biases, which it sets by stride: every image's most confident anchor is
+    the first one. Each convolution scaled to unit output spread, and one class bias on all levels,
+    put an image's best anchor on a level that depends on the image, so ranks choose levels differently.
+    """
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False).eval()
+    x = torch.rand(4, 3, IMGSZ, IMGSZ)
+    dfl = model.model[-1].dfl.conv
+    with torch.no_grad():
+        for conv in [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m is not dfl]:
+            seen = {}
+            hook = conv.register_forward_hook(lambda m, i, o: seen.__setitem__("std", o.std()))
+            model(x)
+            hook.remove()
+            conv.weight /= seen["std"]
+        for branch in model.model[-1].cv3:
+            branch[-1].bias.fill_(0.0)
+    model.names = dict(enumerate(NAMES[:3]))
+    torch.save({"model": model.half(), "ema": None, "epoch": -1, "train_args": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddp_setup(tmp_path_factory, dataset):
+    tmp = tmp_path_factory.mktemp("ddp")
+    teacher = _level_neutral_teacher(tmp / "teacher.pt")
+    cache = tmp / "cache.zarr"
+    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", cache, "--imgsz", IMGSZ, "--batch", 4,
+                "--views", 1, "--close-views", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
+    default = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "default.yaml").read_text())
+    # "even": every term a plain mean over equal parts of each image, so the mean of the two ranks'
+    # values is the value on the whole batch (weighted terms normalise by each rank's own weights)
+    even = {**default, "box": {**default["box"], "confidence_weighted": False},
+            "feat": {**default["feat"], "confidence_weighted": False, "level_balance": "equal", "positions": "all"}}
+    # "uneven": one position per image, so the two images of a rank choose at most two of the three
+    # levels, and the ranks leave different adapters without a gradient
+    uneven = {**default, "feat": {**default["feat"], "positions": 1}}
+    configs = {}
+    for name, cfg in (("even", even), ("uneven", uneven)):
+        configs[name] = tmp / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+    # Detection gains 0: Ultralytics normalises the detection loss by each rank's own target score sum,
+    # clamped at 1, which at random init with two images per rank makes the DDP detection gradient
+    # half of one process's. That is Ultralytics' DDP, not softlabel's; the distillation terms, the
+    # adapters and the student's DDP gradients are what is compared here.
+    args = dict(model=str(student), data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu",
+                plots=False, project=str(tmp / "runs"), exist_ok=True, seed=0, nbs=4, close_mosaic=1, amp=False,
+                optimizer="SGD", lr0=0.01, warmup_epochs=0, val=False, box=0.0, cls=0.0, dfl=0.0)
+    return tmp, {"cache": str(cache), "args": args, "running_stats_bn": True}, configs
+
+
+def _flat(params: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).double() for v in params.values()])
+
+
+def _assert_same_on_ranks(records: list[dict], when: str) -> None:
+    for part in ("student", "adapters"):
+        a, b = records[0][when][part], records[1][when][part]
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{part} at {when}: ranks differ in {differ[:5]}"
+
+
+# Tolerances. One process and two ranks compute the same sums in another order (two half batches
+# and a gloo all-reduce instead of one batch), in float32: measured differences are about 1e-7 of
+# the parameter updates and below 1e-5 of the losses. A sync error is a factor of 2 (gradients
+# summed, or not averaged over a rank that skipped a parameter) or a different direction, so
+# 1e-3 of the update and 1e-4 of each loss item separate the two by orders of magnitude.
+UPDATE_RTOL = 1e-3
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-7
+
+
+@pytest.mark.slow
+def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
+    tmp, spec, configs = ddp_setup
+    spec = {**spec, "distill": str(configs["even"])}
+    n = 12  # make_dataset's training images
+    # every run stops at the end of its last epoch (after the in-loop validation and save): the final
+    # validation of best.pt builds its model on a CUDA device on a DDP rank
+    one = _launch(tmp, "one", 0, {**spec, "args": {**spec["args"], "name": "one"}, "stop_after": 1})[0]
+    two = _launch(tmp, "two", 2, {**spec, "args": {**spec["args"], "name": "two"}, "stop_after": 0})
+    last = Path(spec["args"]["project"]) / "two" / "weights" / "last.pt"
+    resumed = _launch(tmp, "resumed", 2, {**spec, "args": {"resume": str(last), "data": spec["args"]["data"]}, "stop_after": 1})
+
+    # the adapters start identical on both ranks and equal to one process's (built from the seed, then broadcast)
+    _assert_same_on_ranks(two, "start")
+    assert torch.equal(_flat(two[0]["start"]["adapters"]), _flat(one["start"]["adapters"]))
+    # after the steps, every student and adapter parameter is identical on both ranks
+    _assert_same_on_ranks(two, "end")
+    _assert_same_on_ranks(resumed, "end")
+
+    # each rank saw a distinct half; together, one process's global batches in its order
+    for records, epoch in ((two, 0), (resumed, 1)):
+        seen = [[i for s in r["steps"] for i in s["samples"]] for r in records]
+        assert all(len(s) == n // 2 for s in seen) and not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(n))
+        assert all(e == epoch for r in records for s in r["steps"] for e in s["epoch"])
+        reference = [sorted(s["samples"]) for s in one["steps"] if s["epoch"][0] == epoch]
+        assert [sorted(a["samples"] + b["samples"]) for a, b in zip(*(r["steps"] for r in records))] == reference
+        for r in records:
+            assert seen[r["rank"]] == EpochSampler(n, seed=0, rank=r["rank"], world=2).order(epoch)[r["rank"] :: 2]
+    # the resumed run continued at epoch 1 (a closing epoch) on both ranks
+    assert [r["start_epoch"] for r in resumed] == [1, 1]
+
+    # every sample a rank loaded had its replayed and cached fingerprints compared, and they matched
+    for records, view in ((two, "v0"), (resumed, "c0")):
+        for r in records:
+            loaded = {f"{view}/{i}" for s in r["steps"] for i in s["samples"]}
+            assert set(r["fingerprints"]) == loaded
+            assert all(fp["replayed"] == fp["cached"] for fp in r["fingerprints"].values())
+
+    # the loss trajectory: each step's loss items, averaged over the ranks as DDP averages gradients,
+    # equal one process's on the same global batch
+    steps = [s for s in one["steps"] if s["epoch"][0] == 0]
+    assert len(steps) == len(two[0]["steps"]) == 3
+    for k, ref in enumerate(steps):
+        for item, value in ref["loss"].items():
+            ddp = sum(r["steps"][k]["loss"][item] for r in two) / 2
+            assert abs(ddp - value) <= LOSS_RTOL * abs(value) + LOSS_ATOL, (k, item, ddp, value)
+    assert all(steps[0]["loss"][k] > 0 for k in ("kd_cls", "kd_box", "kd_feat"))
+    # and the parameters moved alike: the update of the two ranks equals one process's
+    for part in ("student", "adapters"):
+        start = _flat(one["start"][part])
+        mine, theirs = _flat(two[0]["end"][part]) - start, _flat(one["epochs"][0][part]) - start
+        assert theirs.norm() > 0
+        assert (mine - theirs).norm() <= UPDATE_RTOL * theirs.norm(), (part, float((mine - theirs).norm() / theirs.norm()))
+
+
+@pytest.mark.slow
+def test_ranks_that_leave_different_adapters_without_gradient_stay_in_step(ddp_setup):
+    """Every rank joins the one all-reduce whichever adapters its batch used, so nothing hangs and the replicas agree."""
+    tmp, spec, configs = ddp_setup
+    spec = {**spec, "distill": str(configs["uneven"])}
+    two = _launch(tmp, "uneven", 2, {**spec, "args": {**spec["args"], "name": "uneven", "epochs": 1, "close_mosaic": 0}, "stop_after": 0})
+    assert all(s["no_grad"] for r in two for s in r["steps"])
+    # on some step the ranks left different adapters without a gradient: a rank that all-reduced
+    # only the gradients it had would issue other collectives than its peer there
+    assert any(a["no_grad"] != b["no_grad"] for a, b in zip(two[0]["steps"], two[1]["steps"]))
+    _assert_same_on_ranks(two, "start")
+    _assert_same_on_ranks(two, "end")
+    moved = _flat(two[0]["end"]["adapters"]) - _flat(two[0]["start"]["adapters"])
+    assert moved.norm() > 0
+
+
+# the sampler ---------------------------------------------------------------------------------
+
+
+def test_sampler_has_ultralytics_distributed_semantics():
+    """set_epoch (Ultralytics calls it on every rank), distinct equal shares, one order per epoch from the seed."""
+    n, world = 10, 3
+    samplers = [EpochSampler(n, seed=5, rank=r, world=world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(4)  # a resumed run's first epoch
+    parts = [list(s) for s in samplers]
+    assert all(len(p) == 4 for p in parts) and all(e == 4 for p in parts for _, e in p)
+    assert sorted({i for p in parts for i, _ in p}) == list(range(n))  # 12 slots: two indices repeat to pad
+    full = samplers[0].order(4)  # the one order, whatever the world size, padded with its own start
+    assert full[:n] == EpochSampler(n, seed=5).order(4) and full[n:] == full[: 12 - n]
+    assert [i for i, _ in parts[1]] == full[1::world]
+    assert EpochSampler(n, seed=5).order(4) != EpochSampler(n, seed=6).order(4)
+    assert [i for i, _ in parts[0]] != [i for i, _ in EpochSampler(n, seed=5, rank=0, world=world)]  # epoch 0 differs
+
+
+def test_sampler_pass_started_ahead_keeps_its_epoch():
+    """A worker may start the next pass before the trainer calls set_epoch for it: the pass already says its epoch."""
+    s = EpochSampler(6, seed=0)
+    s.set_epoch(0)
+    assert {e for _, e in s} == {0}
+    ahead = iter(s)
+    first = next(ahead)  # prefetched: epoch 1 begins before set_epoch(1)
+    s.set_epoch(1)
+    assert first[1] == 1 and {e for _, e in ahead} == {1}
+    s.set_epoch(2)
+    assert {e for _, e in s} == {2}
+    with pytest.raises(ValueError, match="rank 2"):
+        EpochSampler(6, seed=0, rank=2, world=2)
+
+
+# the adapters' learning rate --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def optimizer_trainer(ddp_setup):
+    from softlabel.train import make_trainer
+
+    tmp, spec, _ = ddp_setup
+    args = {k: v for k, v in spec["args"].items() if k not in ("optimizer", "lr0")}
+    trainer = make_trainer(cache=spec["cache"])(overrides={**args, "name": "optim"})
+    trainer._open_sources()
+    return trainer
+
+
+@pytest.mark.parametrize("name, iterations, lr", [("SGD", 100, 0.01), ("AdamW", 100, 0.001), ("MuSGD", 100, 0.01), ("auto", 20_000, None)])
+def test_adapter_groups_take_the_base_learning_rate(optimizer_trainer, name, iterations, lr):
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    trainer = optimizer_trainer
+    optimizer = trainer.build_optimizer(model, name=name, lr=lr or 0.5, momentum=0.9, decay=5e-4, iterations=iterations)
+    base = lr if lr is not None else trainer.args.lr0  # "auto" picks MuSGD and its lr0 for this many iterations
+    if name in ("MuSGD", "auto"):
+        assert type(optimizer).__name__ == "MuSGD"
+        assert any(g["lr"] == pytest.approx(3 * base) for g in optimizer.param_groups)  # the head's boosted groups
+    mine = {id(p): n for n, p in trainer.distiller.named_parameters()}
+    assert mine
+    found = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in mine:
+                found.add(id(p))
+                assert group["lr"] == pytest.approx(base), (name, mine[id(p)], group["lr"])
+                assert group["weight_decay"] == (0.0 if mine[id(p)].endswith("bias") else pytest.approx(5e-4))
+    assert found == set(mine)
+
+
+def test_an_epoch_run_again_is_replayed_from_its_start():
+    """NaN recovery and an out-of-memory retry run an epoch again; its batches must say that epoch again."""
+    from types import SimpleNamespace
+
+    from softlabel.train import _replay_an_epoch_begun_again
+
+    sampler = EpochSampler(4, seed=0)
+    resets = []
+    trainer = SimpleNamespace(epoch=0, epoch_sampler=sampler, train_loader=SimpleNamespace(reset=lambda: resets.append(1)))
+    _replay_an_epoch_begun_again(trainer)
+    assert {e for _, e in sampler} == {0} and not resets
+    trainer.epoch = 1
+    _replay_an_epoch_begun_again(trainer)
+    assert {e for _, e in sampler} == {1} and not resets
+    _replay_an_epoch_begun_again(trainer)  # epoch 1 again
+    assert resets == [1] and {e for _, e in sampler} == {1}
