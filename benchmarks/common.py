@@ -108,12 +108,34 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def make_data(root: Path, images: int, val_images: int, imgsz: int, seed: int = 0) -> Path:
-    """Toy shapes dataset whose source images straddle imgsz, so replay resizes both ways as on real data."""
+def make_data(root: Path, images: int, val_images: int, imgsz: int, seed: int = 0, nc: int = 3) -> Path:
+    """Toy shapes dataset whose source images straddle imgsz, so replay resizes both ways as on real data.
+
+    nc > 3 names that many classes (COCO's names for nc = 80): the labels still use three of them,
+    but every class-sized tensor (head, cache, loss) has the size it has at that class count."""
     from softlabel.toydata import make_dataset
 
     size = (max(32, imgsz // 2), max(64, imgsz * 3 // 2))
-    return make_dataset(Path(root), n_train=images, n_val=val_images, seed=seed, size=size)
+    data = make_dataset(Path(root), n_train=images, n_val=val_images, seed=seed, size=size)
+    if nc > 3:
+        import yaml
+
+        raw = yaml.safe_load(data.read_text())
+        raw["names"] = dict(enumerate(class_names(nc)))
+        data.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return data
+
+
+def class_names(nc: int) -> list[str]:
+    """COCO's 80 class names (read from Ultralytics' own coco.yaml, no download), then numbered ones."""
+    import ultralytics
+    import yaml
+
+    from softlabel.toydata import NAMES
+
+    coco = yaml.safe_load((Path(ultralytics.__file__).parent / "cfg" / "datasets" / "coco.yaml").read_text())["names"]
+    names = list(NAMES) + [n for n in coco.values() if n not in NAMES]
+    return (names + [f"class{i}" for i in range(len(names), nc)])[:nc]
 
 
 def data_names(data_yaml: Path) -> list[str]:

@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
         epilog="Default sizes take about 5 minutes on 2 CPU cores. GPU run: --device 0 --imgsz 640 --batch 32 --images 1024 --workers 8",
     )
     p.add_argument("--images", type=int, default=128, help="training images in the generated toy dataset (default: 128)")
+    p.add_argument("--nc", type=int, default=3, help="classes the data.yaml names (80: COCO's names, the operating point; default: 3)")
     p.add_argument("--data", default=None, help="an existing data.yaml to dump instead of the toy dataset (its whole train split)")
     p.add_argument("--imgsz", type=int, default=160, help="teacher input size, multiple of 32 (default: 160)")
     p.add_argument("--batch", type=int, default=16, help="teacher batch size, for the dump and the forward pass (default: 16)")
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved forward/dump rounds; medians are reported (default: 3)")
     p.add_argument("--codecs", default=None, help="comma-separated codec presets to size (default: all of softlabel.cache.codecs.CODECS)")
     p.add_argument("--shard-size", type=int, default=16, help="samples per shard (default: 16)")
+    p.add_argument("--default-only", action="store_true", help="time and size the default store only, not every codec x precision")
     p.add_argument("--seed", type=int, default=0, help="augmentation and data seed (default: 0)")
     p.add_argument("--out", default=str(common.RESULTS / "dump.json"), help="result JSON (default: benchmarks/results/dump.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, stores) and print its path")
@@ -63,7 +65,7 @@ def prepare_inputs(args, tmp: Path) -> tuple[Path, Path]:
     if args.data:
         data = Path(args.data)
     else:
-        data = common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed)
+        data = common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed, nc=args.nc)
     if not args.teacher:
         return data, common.make_teacher(args.teacher_cfg, data, tmp / "teacher.pt")
     teacher = Path(args.teacher)
@@ -114,7 +116,7 @@ def main() -> None:
         raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
     # the dump's defaults (int8, sparse head), then every codec x precision with a dense head
     options: dict[str, dict] = {DEFAULT: {}}
-    for codec in codecs:
+    for codec in [] if args.default_only else codecs:
         for precision in PRECISIONS:
             options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0)
     if args.threads:
@@ -181,7 +183,8 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     dense = f"{DEFAULT_CODEC}/float16"
-    raw = {k: 4 * _prod(s) for k, s in shapes[dense].items()}  # every tensor dense, in float32
+    # every teacher tensor dense, in float32: what the cache would hold with no selection or compression
+    raw = {k: 4 * _prod(s) for k, s in (shapes[dense] if dense in shapes else dense_shapes(store_of(DEFAULT))).items()}
     raw_total = sum(raw.values())
     ratios = {name: {k: raw[k] / v for k, v in t.items() if k in raw and v} for name, t in per_tensor.items()}
     dump_ips = per_option_ips[DEFAULT]
@@ -216,6 +219,9 @@ def main() -> None:
         title=f"dump of {n} images at imgsz {args.imgsz}, batch {args.batch}, {args.workers} workers, teacher {teacher_name}, "
               f"device {args.device}; {DEFAULT}: {DEFAULT_DESCRIPTION}",
     ))
+    if dense not in shapes:
+        print(f"dump/forward = {ratio:.2f} ({common.verdict(ratio >= TARGET)}, target >= {TARGET}); written to {out}")
+        return
     print()
     columns = [f"{DEFAULT_CODEC}/{p}" for p in PRECISIONS]
     rows = [[k, "x".join(map(str, shapes[dense][k])), raw[k] / 1e3,
@@ -234,6 +240,15 @@ def main() -> None:
     footer.append(f"written to {out}")
     print(common.table(["tensor", "shape", "f32 kB", *(f"{c} kB (ratio)" for c in columns)], rows,
                        title="bytes on disk per sample-view (dense head unless named default)", footer=footer))
+
+
+def dense_shapes(store: str) -> dict[str, tuple[int, ...]]:
+    """The teacher's dense per-sample tensors (head/p3, feat/p3, ...) behind a store, whatever it keeps of them."""
+    from softlabel.cache.schema import Layout
+    from softlabel.cache.store import read_attrs
+
+    layout = Layout.from_attrs(read_attrs(store))
+    return {path.partition("/")[2]: tuple(shape) for path, shape in layout.raw(layout.views[0]).items()}
 
 
 def _prod(shape) -> int:

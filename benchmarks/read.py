@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
         epilog="Default sizes take about 3 minutes on 2 CPU cores. GPU run: --device 0 --imgsz 640 --batch 16 --workers 0,1,2,4,8",
     )
     p.add_argument("--images", type=int, default=128, help="training images in the generated toy dataset (default: 128)")
+    p.add_argument("--nc", type=int, default=3, help="classes the data.yaml names (80: COCO's names, the operating point; default: 3)")
     p.add_argument("--imgsz", type=int, default=320, help="image size of cache and student, multiple of 32 (default: 320)")
     p.add_argument("--batch", type=int, default=8, help="batch size of the loader and of the student step (default: 8)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to measure (default: 0,1,2)")
@@ -186,7 +187,7 @@ def main() -> None:
         if args.cache:
             store, data = args.cache, args.data
         else:
-            data = str(common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed))
+            data = str(common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed, nc=args.nc))
             teacher = args.teacher or common.make_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt")
             store = str(tmp / "cache.zarr")
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)

@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
         epilog="Default sizes take about 10 minutes on 2 CPU cores. GPU run: --device 0 --imgsz 640 --batch 16 --images 512",
     )
     p.add_argument("--images", type=int, default=48, help="training images in the generated toy dataset (default: 48)")
+    p.add_argument("--nc", type=int, default=3, help="classes the data.yaml names (80: COCO's names, the operating point; default: 3)")
     p.add_argument("--val-images", type=int, default=4, help="validation images; only the final epoch validates (default: 4)")
     p.add_argument("--imgsz", type=int, default=160, help="image size of teacher and students, multiple of 32 (default: 160)")
     p.add_argument("--batch", type=int, default=8, help="batch size for training and for the dump; nbs is set to it (default: 8)")
@@ -107,7 +108,7 @@ def main() -> None:
     cuda = resolve_device(args.device).type == "cuda"
     tmp = Path(tempfile.mkdtemp(prefix="softlabel-speed-"))
     try:
-        data = common.make_data(tmp / "data", args.images, args.val_images, args.imgsz, seed=args.seed)
+        data = common.make_data(tmp / "data", args.images, args.val_images, args.imgsz, seed=args.seed, nc=args.nc)
         teacher = common.make_teacher(args.teacher_cfg, data, tmp / "teacher.pt")
         store = tmp / "cache.zarr"
         ctx = {"data": data, "teacher": teacher, "store": store, "cuda": cuda}

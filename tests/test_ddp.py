@@ -100,7 +100,9 @@ def ddp_setup(tmp_path_factory, dataset):
                 "--views", 1, "--close-views", 1, "--quiet")
     assert r.exit_code == 0, r.output
     student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
-    default = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "default.yaml").read_text())
+    from softlabel.builtin import CONFIG_DIR
+
+    default = yaml.safe_load((CONFIG_DIR / "distill" / "default.yaml").read_text())
     # "even": every term a plain mean over equal parts of each image, so the mean of the two ranks'
     # values is the value on the whole batch (weighted terms normalise by each rank's own weights)
     even = {**default, "box": {**default["box"], "confidence_weighted": False},
