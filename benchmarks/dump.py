@@ -176,6 +176,7 @@ def main() -> None:
             totals[name] = sum(sizes_on_disk.values())  # fingerprints, scales and done flags included
             print(f"{name:<22} {per_option_ips[name]:6.1f} img/s  {totals[name] / 1e3:9.1f} kB/sample-view", flush=True)
         threads = torch.get_num_threads()
+        teacher_shapes = dense_shapes(store_of(DEFAULT))
     finally:
         if args.keep:
             print(f"kept {tmp}")
@@ -184,7 +185,7 @@ def main() -> None:
 
     dense = f"{DEFAULT_CODEC}/float16"
     # every teacher tensor dense, in float32: what the cache would hold with no selection or compression
-    raw = {k: 4 * _prod(s) for k, s in (shapes[dense] if dense in shapes else dense_shapes(store_of(DEFAULT))).items()}
+    raw = {k: 4 * _prod(s) for k, s in (shapes[dense] if dense in shapes else teacher_shapes).items()}
     raw_total = sum(raw.values())
     ratios = {name: {k: raw[k] / v for k, v in t.items() if k in raw and v} for name, t in per_tensor.items()}
     dump_ips = per_option_ips[DEFAULT]
