@@ -129,6 +129,27 @@ def plain_rate(data: str, args) -> float:
     return loader_rate(loader, args.epochs)[0]
 
 
+def teacher_bytes_per_sample(batch: dict) -> float:
+    """Bytes of teacher tensors one sample puts into a collated batch: what workers ship and the GPU receives."""
+    import dataclasses
+
+    import torch
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                yield from tensors(getattr(value, f.name))
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+
+    teacher = [v for k, v in batch.items() if k == "teacher" or k.startswith("teacher_")]
+    total = sum(t.numel() * t.element_size() for v in teacher for t in tensors(v))
+    return total / batch["img"].shape[0]
+
+
 def student_rate(batch: dict, args, attrs: dict, device) -> float:
     """Images per second one full training step of the student consumes."""
     import torch
@@ -208,6 +229,8 @@ def main() -> None:
             print(f"{w} workers: {rates[str(w)]:.1f} samples/s", flush=True)
         plain = plain_rate(data, args)
         print(f"Ultralytics' YOLODataset, 0 workers: {plain:.1f} samples/s", flush=True)
+        teacher_bytes = teacher_bytes_per_sample(batch)
+        print(f"teacher tensors in a collated batch: {teacher_bytes / 1e6:.3f} MB per sample", flush=True)
         consumes = student_rate(batch, args, attrs, device)
         print(f"student step: {consumes:.1f} images/s", flush=True)
         threads = torch.get_num_threads()
@@ -227,6 +250,13 @@ def main() -> None:
         "student_consumes_per_sec": consumes,
         "plain_dataset_samples_per_sec": plain,  # Ultralytics' YOLODataset, same images, 0 workers
         "delivery_over_consumption": {w: r / consumes for w, r in rates.items()},
+        "imgsz": int(attrs["augment"]["imgsz"]),
+        "nc": int(t["nc"]),
+        # per-sample cost of the training dataset (replay + cache read + fingerprint) against Ultralytics' own
+        "ms_per_sample": {w: 1000.0 / r for w, r in rates.items()},
+        "plain_ms_per_sample": 1000.0 / plain,
+        "ratio_over_plain": {w: plain / r for w, r in rates.items()},
+        "teacher_bytes_per_sample": teacher_bytes,
     }
     out = common.write_json(args.out, result)
 
@@ -234,6 +264,9 @@ def main() -> None:
     footer = [
         f"student {args.student} step (forward + DistillLoss + backward + SGD, batch {args.batch}): {consumes:.1f} images/s",
         f"Ultralytics' own YOLODataset on the same images, 0 workers: {plain:.1f} samples/s (what plain training reads at)",
+        f"per sample, 0 workers: {1000.0 / rates['0']:.1f} ms against {1000.0 / plain:.1f} ms for YOLODataset "
+        f"({plain / rates['0']:.2f}x)" if "0" in rates else "0 workers not measured",
+        f"teacher tensors in a collated batch: {teacher_bytes / 1e6:.3f} MB per sample",
         f"torch threads {threads}; {args.epochs} epoch(s) of {n} samples per worker count, first batch untimed",
         f"written to {out}",
     ]
