@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import run_cli
 
-from softlabel.sampler import EpochSampler
+from softlabel.train.sampler import EpochSampler
 from softlabel.teacher import save_checkpoint_from_yaml
 from softlabel.toydata import NAMES
 
@@ -100,7 +100,7 @@ def ddp_setup(tmp_path_factory, dataset):
                 "--views", 1, "--close-views", 1, "--quiet")
     assert r.exit_code == 0, r.output
     student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
-    default = yaml.safe_load((Path(__file__).parents[1] / "configs" / "distill" / "default.yaml").read_text())
+    default = yaml.safe_load((Path(__file__).parents[1] / "softlabel" / "configs" / "distill" / "default.yaml").read_text())
     # "even": every term a plain mean over equal parts of each image, so the mean of the two ranks'
     # values is the value on the whole batch (weighted terms normalise by each rank's own weights)
     even = {**default, "box": {**default["box"], "confidence_weighted": False},
