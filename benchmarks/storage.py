@@ -135,7 +135,7 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
         for start in range(0, n, 8):
             batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(start, min(start + 8, n))])
             preds = student(batch["img"].float() / 255)
-            stored = TeacherBatch.from_batch(batch)
+            stored = batch["teacher"]
             live = teacher(batch["img"].float() / 255)
             live_feats = dict(zip(teacher.info.levels, live.feat))
             # levels a store left out are compared on the live teacher: only what was stored can differ
@@ -155,10 +155,10 @@ def _read_rate(store: str) -> float:
 
     reader = CacheReader(store)
     n = reader.layout.count
-    reader.read("v0", 0, dequantise_feat=False)  # as the trainer reads: int8 features stay int8
+    reader.read("v0", 0)  # as the trainer reads: the stored arrays as they are
     t = time.perf_counter()
     for i in range(n):
-        reader.read("v0", i, dequantise_feat=False)
+        reader.read("v0", i)
     return n / (time.perf_counter() - t)
 
 

@@ -97,7 +97,7 @@ def ddp_setup(tmp_path_factory, dataset):
     teacher = _level_neutral_teacher(tmp / "teacher.pt")
     cache = tmp / "cache.zarr"
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", cache, "--imgsz", IMGSZ, "--batch", 4,
-                "--views", 1, "--close-views", 1, "--quiet")
+                "--views", 1, "--close-views", 1, "--quiet", "--features", "dense")
     assert r.exit_code == 0, r.output
     student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
     default = yaml.safe_load((Path(__file__).parents[1] / "softlabel" / "configs" / "distill" / "default.yaml").read_text())

@@ -7,9 +7,9 @@ students, one table).
 """
 
 from softlabel.student import resolve_student
-from softlabel.train.cachecheck import check_cache_matches, check_epoch
+from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch
 from softlabel.train.criterion import DistillLoss
-from softlabel.train.dataset import DistillDataset
+from softlabel.train.dataset import DistillDataset, stack_teacher
 from softlabel.train.plan import ViewPlan
 from softlabel.train.runner import StudentResult, render_table, train_students
 from softlabel.train.sampler import EpochSampler
@@ -32,10 +32,12 @@ __all__ = [
     "ViewPlan",
     "add_param_groups",
     "check_cache_matches",
+    "check_config_fits_cache",
     "check_epoch",
     "make_trainer",
     "render_table",
     "resolve_student",
+    "stack_teacher",
     "student_levels",
     "train_students",
 ]

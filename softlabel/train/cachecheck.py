@@ -31,3 +31,24 @@ def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> Non
         )
     if int(attrs["augment"]["imgsz"]) != imgsz:
         raise UserError(f"{where}: the cache was dumped at imgsz {attrs['augment']['imgsz']} but training asks for imgsz {imgsz}")
+
+
+def check_config_fits_cache(config, attrs: dict, where: str) -> None:
+    """Refuse a distillation config that reads what the store does not hold: whole feature maps from a
+    store of feature rows, or more positions than the rows the store keeps per image."""
+    term = config.terms.get("feat")
+    storage = attrs["storage"]
+    if term is None or not storage.get("features") or storage.get("feature_layout") != "sparse":
+        return
+    k = int(storage["head_sparse"]["topk"])
+    if term.positions is None:
+        raise UserError(
+            f"{config.source}: 'feat' (loss {term.loss}, positions: all) needs whole feature maps, but {where} holds "
+            f"feature vectors at each image's {k} kept anchors only; dump with 'softlabel dump --features dense', "
+            "or use a config with 'positions: P' (P <= K) and a row loss such as mimic"
+        )
+    if term.positions > k:
+        raise UserError(
+            f"{config.source}: 'feat' positions: {term.positions} is more than the {k} anchors per image {where} "
+            f"holds feature vectors for; use positions <= {k}, or dump with --head-topk {term.positions} or more"
+        )

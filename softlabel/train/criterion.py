@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from ultralytics.utils.loss import v8DetectionLoss
 
-from softlabel.distill.distiller import Distiller, TeacherBatch
+from softlabel.distill.distiller import Distiller
 
 
 class DistillLoss(v8DetectionLoss):
@@ -19,8 +19,8 @@ class DistillLoss(v8DetectionLoss):
     def loss(self, preds, batch):
         bs = preds["boxes"].shape[0]
         det, items = self.get_assigned_targets_and_loss(preds, batch)[1:]
-        if "teacher_head" in batch:
-            terms = self.distiller(preds, TeacherBatch.from_batch(batch), self.student_levels)
+        if "teacher" in batch:
+            terms = self.distiller(preds, batch["teacher"], self.student_levels)
         else:  # a batch without teacher tensors (validation): the terms read zero
             terms = {k: det.new_zeros(()) for k in self.distiller.item_names}
         loss = torch.cat([det, *(v.reshape(1) for v in terms.values())])

@@ -9,7 +9,9 @@ import torch
 from torch.utils.data import Dataset
 from ultralytics.data.dataset import YOLODataset
 
+from softlabel.cache.encoding import TeacherSample
 from softlabel.cache.reader import CacheReader
+from softlabel.distill.teacherbatch import TeacherBatch
 from softlabel.errors import UserError
 from softlabel.replay import Replay
 from softlabel.train.plan import ViewPlan
@@ -48,28 +50,44 @@ class DistillDataset(Dataset):
             "sample": i,
         }
         if self.reader is not None:
-            # int8 feature maps stay int8 here: the distiller dequantises only the positions it uses
-            cached = self.reader.read(view.key, i, dequantise_feat=False)
+            cached = self.reader.read(view.key, i)  # as stored: a sparse store stays sparse and int8
             if cached.fingerprint != s.fingerprint:
                 raise UserError(
                     f"sample {i} ({self.index.images[i].name}), view {view.key}: the replayed image differs from the "
                     f"teacher's input (fingerprint {s.fingerprint.hex()} != cached {cached.fingerprint.hex()}); "
                     "seed, augmentation settings, the image file or the OpenCV/albumentations build changed since the dump"
                 )
-            out["teacher_head"] = torch.from_numpy(np.concatenate([h.reshape(h.shape[0], -1) for h in cached.head.values()], 1))
-            if cached.mask is not None:  # a sparse head: the box loss skips reconstructed anchors
-                out["teacher_mask"] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in cached.mask.values()]).astype(np.float32))
-            for lvl, f in cached.feat.items():
-                out[f"teacher_feat_{lvl}"] = torch.from_numpy(f)
-            for lvl, scale in (cached.feat_scale or {}).items():
-                out[f"teacher_scale_{lvl}"] = torch.from_numpy(scale)
+            out["teacher"] = cached
         return out
 
     @staticmethod
     def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        extra = {k: torch.stack([b.pop(k) for b in batch]) for k in list(batch[0]) if k.startswith("teacher_")}
+        teacher = [b.pop("teacher") for b in batch] if "teacher" in batch[0] else None
         epochs = torch.tensor([b.pop("epoch") for b in batch])
         samples = torch.tensor([b.pop("sample") for b in batch])
         out = YOLODataset.collate_fn(batch)
-        out.update(extra, epoch=epochs, sample=samples)
+        out.update(epoch=epochs, sample=samples)
+        if teacher is not None:
+            out["teacher"] = stack_teacher(teacher)
         return out
+
+
+def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor | None:
+    return None if arrays[0] is None else torch.from_numpy(np.stack(arrays))
+
+
+def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
+    """One batch's teacher arrays stacked as stored: [B, K, ...] for a sparse store, whole maps for a dense one."""
+    first = samples[0]
+    return TeacherBatch(
+        head=_stack([s.head for s in samples]),
+        feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
+        feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
+        index=_stack([s.index for s in samples]),
+        values=_stack([s.values for s in samples]),
+        values_scale=_stack([s.values_scale for s in samples]),
+        background=_stack([s.background for s in samples]),
+        rows=_stack([s.rows for s in samples]),
+        rows_scale=_stack([s.rows_scale for s in samples]),
+        row_levels=first.row_levels,
+    )

@@ -22,12 +22,12 @@ from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
 from softlabel.ddp import average_gradients, broadcast_parameters
 from softlabel.distill.config import load_distill
-from softlabel.distill.distiller import Distiller, split_head
+from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay
 from softlabel.teacher import Teacher, level_name
-from softlabel.train.cachecheck import check_cache_matches, check_epoch
+from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch
 from softlabel.train.criterion import DistillLoss
 from softlabel.train.dataset import DistillDataset
 from softlabel.train.plan import ViewPlan
@@ -80,6 +80,7 @@ class DistillTrainer(DetectionTrainer):
             reader = CacheReader(self.cache)
             attrs = reader.attrs
             check_cache_matches(attrs, spec, index, imgsz, self.cache)
+            check_config_fits_cache(load_distill(self.distill_config), attrs, self.cache)
             reader.require_complete()
             augment = AugmentConfig.from_attrs(attrs["augment"])
             self.replay = Replay(index, augment, imgsz, int(attrs["augment"]["seed"]))
@@ -145,9 +146,9 @@ class DistillTrainer(DetectionTrainer):
         batch = super().preprocess_batch(batch)
         if self.live_teacher is not None:
             out = self.live_teacher(batch["img"])
-            batch["teacher_head"] = split_head(out.head)
-            for lvl, f in zip(self.teacher_levels, out.feat):
-                batch[f"teacher_feat_{lvl}"] = f
+            batch["teacher"] = TeacherBatch(head=split_head(out.head), feats=dict(zip(self.teacher_levels, out.feat)))
+        elif "teacher" in batch:  # the cache's arrays, as stored, go to the student's device; the distiller expands them there
+            batch["teacher"] = batch["teacher"].to(self.device, non_blocking=True)
         return batch
 
     def _close_dataloader_mosaic(self):
