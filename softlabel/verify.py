@@ -222,8 +222,9 @@ def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.n
         dense = np.concatenate([h.reshape(h.shape[0], -1) for h in live_head], 1)  # [C, A]
         keep = cached.index >= 0
         anchors = cached.index[keep].astype(np.int64)
-        step = cached.values_scale[None] if cached.values_scale is not None else 0.0
-        pairs.append(("head/values", cached.head_values()[keep], dense[:, anchors].T, step))
+        live = dense[:, anchors].T  # [k, C]
+        # the int8 step from the live values, as the dump scaled them: a damaged stored scale cannot widen it
+        pairs.append(("head/values", cached.head_values()[keep], live, np.abs(live).max(axis=0, keepdims=True) / 127))
     else:
         start = 0
         for lvl, h in zip(levels, live_head):
@@ -242,7 +243,7 @@ def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.n
             if lvl in live_feat and lvl in feat_levels and inside.any():
                 f = live_feat[lvl].reshape(live_feat[lvl].shape[0], -1)  # [C, H*W]
                 live = f[:, cached.index[inside] - start].T  # [k, C]
-                step = cached.rows_scale[feat_levels.index(lvl), : f.shape[0]][None] if cached.rows_scale is not None else 0.0
+                step = np.abs(live).max(axis=0, keepdims=True) / 127
                 pairs.append((f"feat/rows/{lvl}", rows[inside, : f.shape[0]], live, step))
             start += n
     else:
