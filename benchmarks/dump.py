@@ -116,7 +116,7 @@ def main() -> None:
     options: dict[str, dict] = {DEFAULT: {}}
     for codec in codecs:
         for precision in PRECISIONS:
-            options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0)
+            options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0, feature_layout="dense")
     if args.threads:
         torch.set_num_threads(args.threads)  # fewer threads than cores is steadier on a machine shared with other work
     device = resolve_device(args.device)

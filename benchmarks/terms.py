@@ -101,9 +101,10 @@ def teacher_batch(args, t_levels, t_ch, strides, reg_max, device):
                     feat={lvl: (c, n, n) for lvl, c, n in zip(t_levels, t_ch, sizes)}, views=["v0"], reg_max=reg_max,
                     nc=args.nc, precision="int8", sparse={"topk": args.head_topk, "floor": 0.0}, feature_layout="sparse")
     st = encode_batch(head_maps, dense, layout)
-    return TeacherBatch(index=st["head/index"], values=st["head/values"], values_scale=st["head/scale"],
-                        background=st["head/background"], rows=st["feat/rows"], rows_scale=st["feat/scale"],
-                        row_levels=tuple(t_levels)).to(device)
+    # the whole int8 maps ride along for the variants that read every position (a --features dense store)
+    return TeacherBatch(feats=feats, feat_scale=scales, index=st["head/index"], values=st["head/values"],
+                        values_scale=st["head/scale"], background=st["head/background"], rows=st["feat/rows"],
+                        rows_scale=st["feat/scale"], row_levels=tuple(t_levels)).to(device)
 
 
 def main() -> None:
@@ -121,7 +122,7 @@ def main() -> None:
     if (t_reg_max, t_strides) != (reg_max, strides):
         raise SystemExit(f"student and teacher heads differ: reg_max {reg_max}/{t_reg_max}, strides {strides}/{t_strides}")
     teacher = teacher_batch(args, t_levels, t_ch, strides, reg_max, device)
-    anchors = teacher.head.shape[2]
+    anchors = sum((args.imgsz // st) ** 2 for st in strides)
     distillers = {name: Distiller(parse_distill(raw, name), reg_max, s_levels, s_ch, t_levels, t_ch).to(device)
                   for name, raw in variants(args).items()}
     g = torch.Generator().manual_seed(args.seed + 1)
