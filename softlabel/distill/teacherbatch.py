@@ -31,16 +31,23 @@ class TeacherBatch:
     def sparse(self) -> bool:
         return self.index is not None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TeacherBatch":
-        moved = {}
+    def _map(self, fn) -> "TeacherBatch":
+        out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                v = v.to(device, non_blocking=non_blocking)
+                v = fn(v)
             elif isinstance(v, dict):
-                v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
-            moved[f.name] = v
-        return TeacherBatch(**moved)
+                v = {k: fn(t) for k, t in v.items()}
+            out[f.name] = v
+        return TeacherBatch(**out)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TeacherBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TeacherBatch":
+        """Called by a DataLoader with pin_memory=True, so that `.to(cuda, non_blocking=True)` overlaps."""
+        return self._map(lambda t: t.pin_memory())
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor it holds, by name (dict fields as name/level)."""
