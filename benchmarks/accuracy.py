@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=["float16", "bfloat16", "int8"],
                    help="cache precision, as softlabel dump --precision (default: the dump's default)")
     p.add_argument("--head-topk", type=int, default=None, help="sparse head: anchors kept per image, as softlabel dump --head-topk")
+    p.add_argument("--features", choices=["sparse", "dense"], default=None, help="feature layout, as softlabel dump --features")
     p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
     p.add_argument("--out", default=str(common.RESULTS / "accuracy.json"), help="result JSON (default: benchmarks/results/accuracy.json)")
     args = p.parse_args()
@@ -142,7 +143,8 @@ def main() -> None:
     print(f"teacher {Path(teacher)}: mAP50-95 {t_map50_95:.4f}, mAP50 {t_map50:.4f}", flush=True)
 
     close_views = 1 if min(args.close_mosaic, args.epochs - 1) > 0 else 0
-    storage = {k: v for k, v in (("precision", args.precision), ("head_topk", args.head_topk), ("head_floor", args.head_floor)) if v is not None}
+    storage = {k: v for k, v in (("precision", args.precision), ("head_topk", args.head_topk), ("head_floor", args.head_floor),
+                                            ("feature_layout", args.features)) if v is not None}
     # one store per storage choice, so comparing them keeps every cache
     store = args.work / ("cache" + "".join(f"-{k}{v}" for k, v in storage.items()) + ".zarr")
     dump_seconds, _ = ensure_cache(store, teacher, data_yaml, data_id, recipe, args.views, close_views, 0, **storage)

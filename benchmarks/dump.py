@@ -118,7 +118,7 @@ def main() -> None:
     options: dict[str, dict] = {DEFAULT: {}}
     for codec in [] if args.default_only else codecs:
         for precision in PRECISIONS:
-            options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0)
+            options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0, feature_layout="dense")
     if args.threads:
         torch.set_num_threads(args.threads)  # fewer threads than cores is steadier on a machine shared with other work
     device = resolve_device(args.device)
@@ -249,7 +249,9 @@ def dense_shapes(store: str) -> dict[str, tuple[int, ...]]:
     from softlabel.cache.store import read_attrs
 
     layout = Layout.from_attrs(read_attrs(store))
-    return {path.partition("/")[2]: tuple(shape) for path, shape in layout.raw(layout.views[0]).items()}
+    out = {f"head/{lvl}": tuple(shape) for lvl, shape in layout.head.items()}
+    out.update({f"feat/{lvl}": tuple(shape) for lvl, shape in layout.feat.items()})
+    return out
 
 
 def _prod(shape) -> int:

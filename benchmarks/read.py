@@ -172,7 +172,7 @@ def student_rate(batch: dict, args, attrs: dict, device) -> float:
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.937, nesterov=True)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) or k == "teacher" else v for k, v in batch.items()}
     n = batch["img"].shape[0]
 
     def step():

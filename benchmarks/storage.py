@@ -33,7 +33,7 @@ COCO_IMAGES, COCO_VIEWS = 118_287, 4
 V8X_640 = {"anchors": 8400, "head_channels": 64 + 80, "nc": 80, "feat_values": 320 * 80 * 80 + 640 * 40 * 40 + 640 * 20 * 20}
 
 # name -> dump options; every option is spelled out, so a change of the dump's defaults cannot change a row
-DENSE = dict(head_topk=0)
+DENSE = dict(head_topk=0, feature_layout="dense")
 OPTIONS = {
     "dense-f16": dict(precision="float16", **DENSE),
     "dense-f16-zstd": dict(precision="float16", codec="zstd", **DENSE),
@@ -46,7 +46,7 @@ OPTIONS = {
     "sparse32-int8": dict(precision="int8", head_topk=32, head_floor=0.0),
     "sparse64-int8-floor.01": dict(precision="int8", head_topk=64, head_floor=0.01),
     "sparse128-int8-floor.01": dict(precision="int8", head_topk=128, head_floor=0.01),
-    "feat-p4p5-int8": dict(precision="int8", head_topk=32, head_floor=0.0, levels=["p4", "p5"]),
+    "feat-p4p5-int8": dict(precision="int8", head_topk=32, head_floor=0.0, levels=["p4", "p5"], feature_layout="dense"),
 }
 # what `softlabel dump` stores without options (softlabel.dump.DumpSettings)
 DUMP_DEFAULT = "sparse64-int8"
@@ -135,7 +135,7 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
         for start in range(0, n, 8):
             batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(start, min(start + 8, n))])
             preds = student(batch["img"].float() / 255)
-            stored = TeacherBatch.from_batch(batch)
+            stored = batch["teacher"]
             live = teacher(batch["img"].float() / 255)
             live_feats = dict(zip(teacher.info.levels, live.feat))
             # levels a store left out are compared on the live teacher: only what was stored can differ
@@ -155,10 +155,10 @@ def _read_rate(store: str) -> float:
 
     reader = CacheReader(store)
     n = reader.layout.count
-    reader.read("v0", 0, dequantise_feat=False)  # as the trainer reads: int8 features stay int8
+    reader.read("v0", 0)  # as the trainer reads: the stored arrays as they are
     t = time.perf_counter()
     for i in range(n):
-        reader.read("v0", i, dequantise_feat=False)
+        reader.read("v0", i)
     return n / (time.perf_counter() - t)
 
 

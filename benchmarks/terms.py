@@ -74,7 +74,7 @@ def channels(cfg: str, nc: int) -> tuple[list[str], list[int], int, list[int]]:
 
 
 def teacher_batch(args, t_levels, t_ch, strides, reg_max, device):
-    """A teacher batch as the trainer gets it from a default store: int8 maps, scales, sparse-head mask."""
+    """A teacher batch as the trainer gets it from a store: a default store's sparse int8 arrays, or int8 maps."""
     from softlabel.distill.distiller import TeacherBatch
 
     g = torch.Generator().manual_seed(args.seed)
@@ -85,12 +85,26 @@ def teacher_batch(args, t_levels, t_ch, strides, reg_max, device):
     feats = {lvl: torch.randint(-127, 128, (b, c, s // st, s // st), generator=g, dtype=torch.int8)
              for lvl, c, st in zip(t_levels, t_ch, strides)}
     scales = {lvl: torch.rand(b, c, generator=g) / 127 for lvl, c in zip(t_levels, t_ch)}
-    mask = None
-    if args.head_topk:
-        conf = head[:, 4 * reg_max:].amax(1)
-        mask = torch.zeros(b, anchors).scatter_(1, conf.topk(min(args.head_topk, anchors), dim=1).indices, 1.0)
-    return TeacherBatch(head.to(device), {k: v.to(device) for k, v in feats.items()},
-                        None if mask is None else mask.to(device), {k: v.to(device) for k, v in scales.items()})
+    if not args.head_topk:  # a dense store: whole int8 maps
+        return TeacherBatch(head.to(device), {k: v.to(device) for k, v in feats.items()}, {k: v.to(device) for k, v in scales.items()})
+    # a default store: the kept anchors' int8 head values and feature rows, as collated
+    from softlabel.cache.schema import Layout
+    from softlabel.select import encode_batch
+
+    sizes = [s // st for st in strides]
+    head_maps, start = [], 0
+    for n in sizes:
+        head_maps.append(head[:, :, start : start + n * n].reshape(b, -1, n, n))
+        start += n * n
+    dense = [feats[lvl].float() * scales[lvl][:, :, None, None] for lvl in t_levels]
+    layout = Layout(count=b, shard_size=b, head={lvl: (head.shape[1], n, n) for lvl, n in zip(t_levels, sizes)},
+                    feat={lvl: (c, n, n) for lvl, c, n in zip(t_levels, t_ch, sizes)}, views=["v0"], reg_max=reg_max,
+                    nc=args.nc, precision="int8", sparse={"topk": args.head_topk, "floor": 0.0}, feature_layout="sparse")
+    st = encode_batch(head_maps, dense, layout)
+    # the whole int8 maps ride along for the variants that read every position (a --features dense store)
+    return TeacherBatch(feats=feats, feat_scale=scales, index=st["head/index"], values=st["head/values"],
+                        values_scale=st["head/scale"], background=st["head/background"], rows=st["feat/rows"],
+                        rows_scale=st["feat/scale"], row_levels=tuple(t_levels)).to(device)
 
 
 def main() -> None:
@@ -108,7 +122,7 @@ def main() -> None:
     if (t_reg_max, t_strides) != (reg_max, strides):
         raise SystemExit(f"student and teacher heads differ: reg_max {reg_max}/{t_reg_max}, strides {strides}/{t_strides}")
     teacher = teacher_batch(args, t_levels, t_ch, strides, reg_max, device)
-    anchors = teacher.head.shape[2]
+    anchors = sum((args.imgsz // st) ** 2 for st in strides)
     distillers = {name: Distiller(parse_distill(raw, name), reg_max, s_levels, s_ch, t_levels, t_ch).to(device)
                   for name, raw in variants(args).items()}
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -84,6 +84,9 @@ def main() -> None:
 @click.option("--augment", "augment", default=None, help="Augmentation config: a built-in name (default) or a YAML path [default: default, Ultralytics' defaults].")
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
+@click.option("--features", "feature_layout", default="sparse", show_default=True, type=click.Choice(["sparse", "dense"]),
+              help="sparse: feature vectors at the sparse head's kept anchors only (what the default feature term reads); "
+                   "dense: whole feature maps, for configs with cwd, mgd or 'positions: all'.")
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
@@ -100,7 +103,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--half/--no-half", default=True, show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet, half):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -111,7 +114,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
 
     settings = DumpSettings(
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
-        device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features,
+        device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features, feature_layout=feature_layout,
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half,
     )

@@ -19,12 +19,13 @@ from softlabel.cache import store
 from softlabel.cache.codecs import DEFAULT_CODEC, codec_choice
 from softlabel.cache.encoding import PRECISIONS, stored_dtype
 from softlabel.cache.lock import DumpLock
-from softlabel.cache.schema import Layout, build_attrs, feat_path, head_path, settings_diff
+from softlabel.cache.schema import FEATURE_LAYOUTS, Layout, build_attrs, settings_diff
 from softlabel.cache.writer import CacheWriter
 from softlabel.checks import check_class_names, check_out_outside_data
 from softlabel.data import build_index, load_data_yaml
 from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
+from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
 
 
@@ -47,9 +48,10 @@ class DumpSettings:
     augment: str | None = None
     levels: list[str] | None = None  # feature levels to keep; None keeps all
     features: bool = True
+    feature_layout: str = "sparse"  # "sparse": rows at the sparse head's kept anchors; "dense": whole maps
     overwrite: bool = False
     codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults keep a 640 px, 80-class YOLOv8x head near 0.23 MB per sample-view (README, Storage).
+    # The defaults keep a 640 px, 80-class YOLOv8x sample-view under 0.1 MB, features included (README, Storage).
     precision: str = "int8"
     head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
@@ -66,6 +68,12 @@ class DumpResult:
     shards_written: int
     skipped_shards: int
     views: list[str] = field(default_factory=list)
+    host_bytes: int = 0  # bytes copied from the teacher's device to the host, every batch run
+    host_samples: int = 0  # sample-views those batches held
+
+    @property
+    def host_bytes_per_sample_view(self) -> float:
+        return self.host_bytes / self.host_samples if self.host_samples else 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -150,6 +158,7 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
         "head_sparse": {"topk": settings.head_topk, "floor": settings.head_floor} if settings.head_topk else None,
         "shard_size": settings.shard_size,
         "features": settings.features,
+        "feature_layout": settings.feature_layout if settings.features else None,
         "levels": levels if settings.features else [],
     }
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -175,6 +184,8 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
         args += ["--levels", ",".join(settings.levels)]
     if not settings.features:
         args.append("--no-features")
+    else:
+        args += ["--features", settings.feature_layout]
     return [str(a) for a in args]
 
 
@@ -208,6 +219,13 @@ def prepare(settings: DumpSettings):
         raise UserError("--head-floor is a score in [0, 1)")
     if settings.head_floor and not settings.head_topk:
         raise UserError("--head-floor needs a sparse head (--head-topk K, K > 0)")
+    if settings.feature_layout not in FEATURE_LAYOUTS:
+        raise UserError(f"--features {settings.feature_layout}: valid layouts are {', '.join(FEATURE_LAYOUTS)}")
+    if settings.features and settings.feature_layout == "sparse" and not settings.head_topk:
+        raise UserError(
+            "--head-topk 0 stores a dense head, but sparse features are kept at the sparse head's anchors; "
+            "give --features dense (whole feature maps), --no-features, or a --head-topk K > 0"
+        )
     resolve_head(settings)
     codec_choice(settings.codec)
     store.require_writable(settings.out, settings.overwrite)
@@ -310,26 +328,25 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         prefetch_factor=4 if settings.workers else None,
     )
     writer = CacheWriter(group, layout)
-    levels = attrs["teacher"]["levels"]
-    feat_levels = attrs["storage"]["levels"]
     desc = f"dump {Path(settings.out).name}" + (f" rank {rank}/{world}" if world > 1 else "")
     bar = tqdm(total=len(items), unit="img", desc=desc, disable=not settings.progress, dynamic_ncols=True, position=rank)
-    written = 0
+    written, host_bytes, host_samples = 0, 0, 0
     try:
         for view_keys, indices, images, fps in loader:
             out = teacher(to_model_input(images, teacher.device))
-            head = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.head)}
-            feat = {lvl: t.to(torch.float16).cpu().numpy() for lvl, t in zip(levels, out.feat) if lvl in feat_levels}
+            # selected and quantised where the teacher ran: only the stored arrays cross to the host
+            stored = to_host(encode_batch(out.head, out.feat, layout))
+            host_bytes += sum(a.nbytes for a in stored.values())
+            host_samples += len(indices)
             for b, (view, i) in enumerate(zip(view_keys, indices)):
                 shard = i // layout.shard_size
                 if done[view][shard] or not owned(shard, rank, world):
                     continue  # a batch straddling a finished or another rank's shard
-                tensors = {head_path(view, lvl): t[b] for lvl, t in head.items()}
-                tensors.update({feat_path(view, lvl): t[b] for lvl, t in feat.items()})
+                tensors = {f"{view}/{name}": a[b] for name, a in stored.items()}
                 writer.add(view, i, tensors, fps[b])
                 written += 1
             bar.update(len(indices))
-            bar.set_postfix_str(f"{writer.bytes_written / 1e6:.1f} MB raw written", refresh=False)
+            bar.set_postfix_str(f"{writer.bytes_written / 1e6:.1f} MB written", refresh=False)
     except BaseException:
         writer.abort()  # shards already complete still land; the rest resume next time
         raise
@@ -337,4 +354,4 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         writer.close()
     finally:
         bar.close()
-    return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views])
+    return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views], host_bytes, host_samples)

@@ -197,24 +197,60 @@ def run_verify(
             report.fingerprint_mismatches.append(f"{view_key} sample {i} ({index.images[i].name})")
             continue
         out = t(to_model_input(torch.from_numpy(s.image[None]), t.device))
-        pairs = [(f"head/{lvl}", cached.head[lvl], live) for lvl, live in zip(reader.levels, out.head)]
-        pairs += [(f"feat/{lvl}", cached.feat[lvl], live) for lvl, live in zip(reader.levels, out.feat) if lvl in cached.feat]
-        for name, c, live in pairs:
-            live = live[0].float().cpu().numpy()
-            diff = np.abs(c.astype(np.float32) - live)
+        for name, c, live, step in _pairs(reader, cached, out):
+            diff = np.abs(c - live)
             limit = atol + rtol * np.abs(live)
             if precision == "int8":  # half a quantisation step of the value's channel
-                limit = limit + 0.51 * np.abs(live).max(axis=(1, 2), keepdims=True) / 127
-            if name.startswith("head/") and cached.mask is not None:
-                keep = cached.mask[name.split("/")[1]][None].repeat(diff.shape[0], 0)
-                diff, live, limit = diff[keep], live[keep], limit[keep]  # background anchors are reconstructed
-                if diff.size == 0:
-                    continue
+                limit = limit + 0.51 * step
+            if diff.size == 0:
+                continue
             err = report.tensors.setdefault(name, TensorError())
             err.max_abs = max(err.max_abs, float(diff.max()))
             err.max_rel = max(err.max_rel, float((diff / (np.abs(live) + 1e-3)).max()))
             err.bad += int((diff > limit).any())
     return report
+
+
+def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | float]]:
+    """(tensor name, cached values, live values, int8 step) to compare: every value of a dense store;
+    a sparse store's kept anchors (head values and feature rows), where it holds the teacher's own numbers."""
+    levels = reader.levels
+    live_head = [h[0].float().cpu().numpy() for h in out.head]
+    live_feat = {lvl: f[0].float().cpu().numpy() for lvl, f in zip(levels, out.feat)}
+    pairs = []
+    if cached.sparse:
+        dense = np.concatenate([h.reshape(h.shape[0], -1) for h in live_head], 1)  # [C, A]
+        keep = cached.index >= 0
+        anchors = cached.index[keep].astype(np.int64)
+        live = dense[:, anchors].T  # [k, C]
+        # the int8 step from the live values, as the dump scaled them: a damaged stored scale cannot widen it
+        pairs.append(("head/values", cached.head_values()[keep], live, np.abs(live).max(axis=0, keepdims=True) / 127))
+    else:
+        start = 0
+        for lvl, h in zip(levels, live_head):
+            n = h.shape[1] * h.shape[2]
+            c = cached.head[:, start : start + n].reshape(h.shape)
+            pairs.append((f"head/{lvl}", c.astype(np.float32), h, np.abs(h).max(axis=(1, 2), keepdims=True) / 127))
+            start += n
+    if cached.rows is not None:
+        row_level = reader.anchor_levels()[np.maximum(cached.index, 0)]
+        row_level = np.where(cached.index >= 0, row_level, -1)
+        rows = cached.row_values(row_level)
+        start, feat_levels = 0, reader.feature_levels
+        for lvl, h in zip(levels, live_head):
+            n = h.shape[1] * h.shape[2]
+            inside = (cached.index >= start) & (cached.index < start + n)
+            if lvl in live_feat and lvl in feat_levels and inside.any():
+                f = live_feat[lvl].reshape(live_feat[lvl].shape[0], -1)  # [C, H*W]
+                live = f[:, cached.index[inside] - start].T  # [k, C]
+                step = np.abs(live).max(axis=0, keepdims=True) / 127
+                pairs.append((f"feat/rows/{lvl}", rows[inside, : f.shape[0]], live, step))
+            start += n
+    else:
+        for lvl in cached.feat:
+            live = live_feat[lvl]
+            pairs.append((f"feat/{lvl}", cached.feat_map(lvl), live, np.abs(live).max(axis=(1, 2), keepdims=True) / 127))
+    return pairs
 
 
 def render(report: VerifyReport) -> str:

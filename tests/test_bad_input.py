@@ -208,10 +208,10 @@ def _copy(built, tmp_path, name="v.zarr") -> Path:
 def test_verify_catches_a_deleted_shard_file(tmp_path, built):
     out = _copy(built, tmp_path)
     assert run_cli("verify", out, "--samples", "2").exit_code == 0
-    (out / "c0" / "feat" / "p4" / "c" / "1" / "0" / "0" / "0").unlink()  # samples 4..7 of the closing view
+    (out / "c0" / "feat" / "rows" / "c" / "1" / "0" / "0").unlink()  # samples 4..7 of the closing view
     r = run_cli("verify", out, "--samples", "2")
     assert r.exit_code == 1, r.output
-    assert "feat/p4 (view c0) samples 4-7, shard 1: shard file missing" in r.stdout
+    assert "feat/rows (view c0) samples 4-7, shard 1: shard file missing" in r.stdout
     assert "verify: FAILED (missing data)" in r.stdout
 
 

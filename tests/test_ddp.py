@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import run_cli
 
-from softlabel.sampler import EpochSampler
+from softlabel.train.sampler import EpochSampler
 from softlabel.teacher import save_checkpoint_from_yaml
 from softlabel.toydata import NAMES
 
@@ -97,7 +97,7 @@ def ddp_setup(tmp_path_factory, dataset):
     teacher = _level_neutral_teacher(tmp / "teacher.pt")
     cache = tmp / "cache.zarr"
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", cache, "--imgsz", IMGSZ, "--batch", 4,
-                "--views", 1, "--close-views", 1, "--quiet")
+                "--views", 1, "--close-views", 1, "--quiet", "--features", "dense")
     assert r.exit_code == 0, r.output
     student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
     from softlabel.builtin import CONFIG_DIR

@@ -26,7 +26,7 @@ from softlabel.teacher import Teacher, to_model_input
 
 # A dense float16 store: the exactness contracts compare it with the live teacher at tight
 # tolerances. The default (int8, sparse head) is tested in test_storage.
-ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet", "--precision", "float16", "--head-topk", "0"]
+ARGS = ["--imgsz", "64", "--batch", "4", "--shard-size", "4", "--views", "2", "--quiet", "--precision", "float16", "--head-topk", "0", "--features", "dense"]
 
 
 
@@ -85,8 +85,8 @@ def test_cached_tensors_equal_teacher_on_replayed_input(dumped, dataset, teacher
         cached = reader.read(view.key, i)
         assert cached.fingerprint == sample.fingerprint
         out = t(to_model_input(torch.from_numpy(sample.image[None]), t.device))
-        for lvl, live in zip(reader.levels, out.head):
-            np.testing.assert_allclose(cached.head[lvl].astype(np.float32), live[0].numpy(), rtol=2e-3, atol=2e-3)
+        live_head = torch.cat([h[0].flatten(1) for h in out.head], 1)  # [C, A], levels in anchor order
+        np.testing.assert_allclose(cached.head.astype(np.float32), live_head.numpy(), rtol=2e-3, atol=2e-3)
         for lvl, live in zip(reader.levels, out.feat):
             np.testing.assert_allclose(cached.feat[lvl].astype(np.float32), live[0].numpy(), rtol=2e-3, atol=2e-3)
 
@@ -270,14 +270,21 @@ def test_newer_schema_is_refused(tmp_path, existing_store):
     assert_clean_error(run_cli("info", existing_store), "schema version 99", "upgrade")
 
 
+def test_older_schema_is_refused_naming_a_redump(tmp_path, existing_store):
+    group = zarr.open_group(str(existing_store), mode="r+")
+    group.attrs["schema_version"] = 1
+    assert_clean_error(run_cli("info", existing_store), "older softlabel", "schema 1", "re-dump")
+
+
 def test_reader_fast_path_equals_zarr_for_every_sample(dumped):
     reader = CacheReader(str(dumped))
     group = zarr.open_group(str(dumped), mode="r")
     for view in ("v0", "v1", "c0"):
         for i in range(12):
             s = reader.read(view, i)
+            for name in reader.layout.stored(view):
+                assert np.array_equal(reader._sample(name, i), np.asarray(group[name][i]))
             for lvl in reader.levels:
-                assert np.array_equal(s.head[lvl], np.asarray(group[f"{view}/head/{lvl}"][i]))
                 assert np.array_equal(s.feat[lvl], np.asarray(group[f"{view}/feat/{lvl}"][i]))
             assert s.fingerprint == np.asarray(group[f"{view}/fingerprint"][i]).tobytes()
     # a local store is read without zarr's event loop

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from softlabel.cache.encoding import decode_sample, encode_shard
+from softlabel.cache.encoding import decode_sample
+from softlabel.cache.schema import Layout
 from softlabel.distill.adapters import FeatureAdapters
 from softlabel.distill.config import parse_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch
 from softlabel.distill.losses import build_loss
 from softlabel.errors import UserError
+from softlabel.select import encode_batch, to_host
+from softlabel.train.dataset import stack_teacher
 
 LEVELS, S_CH, T_CH, SIZES, NC, REG_MAX = ["p3", "p4", "p5"], [4, 8, 12], [6, 10, 14], [(6, 6), (3, 3), (2, 2)], 3, 16
 ANCHORS = sum(h * w for h, w in SIZES)
@@ -98,23 +101,31 @@ def test_level_without_chosen_positions_adds_nothing():
     assert all(f.grad is None or float(f.grad.abs().sum()) == 0 for f in student["feats"][1:])
 
 
+def _layout(precision: str, topk: int | None = None, features: str = "dense") -> Layout:
+    head = {lvl: (4 * REG_MAX + NC, h, w) for lvl, (h, w) in zip(LEVELS, SIZES)}
+    feat = {lvl: (c, h, w) for lvl, c, (h, w) in zip(LEVELS, T_CH, SIZES)}
+    return Layout(count=3, shard_size=3, head=head, feat=feat, views=["v0"], reg_max=REG_MAX, nc=NC, precision=precision,
+                  sparse={"topk": topk, "floor": 0.0} if topk else None, feature_layout=features)
+
+
+def _stored(teacher: TeacherBatch, layout: Layout) -> TeacherBatch:
+    """Teacher tensors through the dump's encoding and the reader's decoding, collated as the trainer does."""
+    starts = np.cumsum([0] + [h * w for h, w in SIZES])
+    head = [teacher.head[:, :, a:b].reshape(-1, teacher.head.shape[1], h, w) for a, b, (h, w) in zip(starts, starts[1:], SIZES)]
+    stored = to_host(encode_batch(head, [teacher.feats[lvl] for lvl in LEVELS], layout))
+    n = len(next(iter(stored.values())))
+    return stack_teacher([decode_sample({k: v[i] for k, v in stored.items()}, layout, b"") for i in range(n)])
+
+
 def test_int8_maps_dequantised_by_the_distiller_match_the_decoded_store():
     """The trainer reads int8 maps with their scales; the distiller's dequantisation equals the reader's."""
     student, teacher = _inputs(seed=2, batch=3)
-    raw = {f"feat/{lvl}": teacher.feats[lvl].numpy().astype(np.float16) for lvl in LEVELS}
-
-    class _L:  # the part of a Layout that encode_shard and decode_sample read for feature maps
-        precision, sparse, head, feat = "int8", None, {}, {lvl: None for lvl in LEVELS}
-
-    stored = encode_shard(raw, _L)
-    decoded = [decode_sample({k: v[i] for k, v in stored.items()}, _L) for i in range(3)]
-    kept = [decode_sample({k: v[i] for k, v in stored.items()}, _L, dequantise_feat=False) for i in range(3)]
-    assert all(f.dtype == np.int8 for s in kept for f in s.feat.values()) and kept[0].feat_scale is not None
-    dense = TeacherBatch(teacher.head, {lvl: torch.from_numpy(np.stack([s.feat[lvl] for s in decoded])) for lvl in LEVELS})
-    int8 = TeacherBatch(teacher.head, {lvl: torch.from_numpy(np.stack([s.feat[lvl] for s in kept])) for lvl in LEVELS},
-                        feat_scale={lvl: torch.from_numpy(np.stack([s.feat_scale[lvl] for s in kept])) for lvl in LEVELS})
+    int8 = _stored(teacher, _layout("int8"))
+    assert all(f.dtype == torch.int8 for f in int8.feats.values()) and int8.feat_scale is not None
+    dense = TeacherBatch(int8.head, {lvl: int8.feat(lvl) for lvl in LEVELS})
     for lvl in LEVELS:
-        assert torch.equal(int8.feat(lvl), dense.feat(lvl))
+        step = teacher.feats[lvl].abs().amax(dim=(2, 3), keepdim=True) / 127
+        assert ((int8.feat(lvl) - teacher.feats[lvl]).abs() <= 0.5 * step + 1e-6).all()
         b, p = torch.tensor([0, 2, 2]), torch.tensor([1, 0, 3])
         assert torch.equal(int8.feat_rows(lvl, b, p), dense.feat(lvl).flatten(2)[b, :, p])
     for positions in ("all", 6):
@@ -136,8 +147,8 @@ def test_positions_option_is_checked():
 
 @pytest.mark.parametrize("weighted", [True, False])
 def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
-    """With a sparse head's mask the box term is computed on the kept anchors only: the same value and
-    gradient as weighting every anchor by the mask."""
+    """With a sparse head the box term is computed on the kept anchors only: the same value and
+    gradient as weighting every anchor by a mask of them."""
     from softlabel.distill.losses import build_loss
 
     cfg = parse_distill({"box": {"loss": "ld", "temperature": 2.0, "confidence_weighted": weighted}}, "t.yaml")
@@ -145,15 +156,48 @@ def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
     student, teacher = _inputs(seed=3)
     student["boxes"] = torch.randn_like(student["boxes"]).requires_grad_()
     teacher.head[:, : 4 * REG_MAX] = torch.randn_like(teacher.head[:, : 4 * REG_MAX])
-    teacher.mask = (torch.rand(teacher.head.shape[0], ANCHORS, generator=torch.Generator().manual_seed(4)) < 0.3).float()
-    kd = d(student, teacher, LEVELS)["kd_box"]
+    mask = (torch.rand(teacher.head.shape[0], ANCHORS, generator=torch.Generator().manual_seed(4)) < 0.3).float()
+    k = int(mask.sum(1).max()) + 2  # a few unused slots too
+    index = torch.full((mask.shape[0], k), -1, dtype=torch.int32)
+    for b in range(mask.shape[0]):
+        kept = mask[b].nonzero()[:, 0]
+        index[b, : len(kept)] = kept.flip(0).to(torch.int32)  # slot order is the teacher's rank, not the anchor's
+    values = torch.stack([teacher.head[b][:, index[b].clamp_min(0).long()].T * (index[b] >= 0)[:, None] for b in range(mask.shape[0])])
+    background = torch.full((mask.shape[0], NC), -9.0)
+    sparse = TeacherBatch(index=index, values=values, background=background)
+    kd = d(student, sparse, LEVELS)["kd_box"]
     kd.backward()
-    conf = teacher.head[:, 4 * REG_MAX :].sigmoid().amax(1)
+    conf = sparse.class_logits(4 * REG_MAX, ANCHORS).sigmoid().amax(1)
     boxes = student["boxes"].detach().clone().requires_grad_()
     full = build_loss("ld", temperature=2.0, confidence_weighted=weighted)(
-        boxes, teacher.head[:, : 4 * REG_MAX], (conf if weighted else 1) * teacher.mask)
+        boxes, teacher.head[:, : 4 * REG_MAX], (conf if weighted else 1) * mask)
     full.backward()
     assert float(kd.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert torch.allclose(student["boxes"].grad, boxes.grad, rtol=1e-4, atol=1e-8)
-    teacher.mask.zero_()  # no kept anchor at all: the term is 0, not NaN
-    assert float(d(student, teacher, LEVELS)["kd_box"].detach()) == 0
+    none = TeacherBatch(index=torch.full_like(index, -1), values=values, background=background)
+    assert float(d(student, none, LEVELS)["kd_box"].detach()) == 0  # no kept anchor at all: the term is 0, not NaN
+
+
+@pytest.mark.parametrize("precision,rel", [("float16", 5e-3), ("int8", 1e-2)])
+def test_stored_rows_give_the_feature_term_of_the_whole_maps(precision, rel):
+    """Sparse features: the rows a store keeps are the maps at the kept anchors, and the feature term
+    from them equals the one from the teacher's whole maps (P <= K positions)."""
+    student, teacher = _inputs(seed=3, batch=3)
+    k = 12
+    sparse = _stored(teacher, _layout(precision, topk=k, features="sparse"))
+    assert sparse.rows.shape == (3, k, max(T_CH)) and not sparse.feats and sparse.head is None
+    starts = dict(zip(LEVELS, np.cumsum([0] + [h * w for h, w in SIZES])))
+    for b in range(3):
+        for j in range(k):
+            a = int(sparse.index[b, j])
+            lvl = [lv for lv in LEVELS if a >= starts[lv]][-1]
+            c = T_CH[LEVELS.index(lvl)]
+            want = teacher.feats[lvl][b].flatten(1)[:, a - starts[lvl]]
+            got = sparse.stored_rows(lvl, torch.tensor([b]), torch.tensor([j]), c)[0]
+            step = 0.51 * sparse.rows_scale[b, LEVELS.index(lvl), :c] if precision == "int8" else 1e-3 * want.abs() + 1e-6
+            assert ((got - want).abs() <= step).all(), (b, j, lvl)
+            assert (sparse.rows[b, j, c:] == 0).all()  # zero past the level's channels
+    for positions in (6, k):
+        d = _distiller(positions=positions)
+        whole, rows = d(student, teacher, LEVELS)["kd_feat"], d(student, sparse, LEVELS)["kd_feat"]
+        assert float(rows.detach()) == pytest.approx(float(whole.detach()), rel=rel)

@@ -7,7 +7,11 @@ import pytest
 from conftest import run_cli
 import zarr
 
-from softlabel.cache.encoding import _logit, densify, dequantise, quantise, sparsify
+import torch
+
+from softlabel.cache.encoding import dequantise, quantise
+from softlabel.distill.teacherbatch import TeacherBatch
+from softlabel.select import logit, select_topk
 from softlabel.cache.reader import CacheReader
 from test_dump import dump_args
 
@@ -43,19 +47,21 @@ def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
     head = RNG.normal(0, 1, (2, 4 * reg_max + nc, anchors)).astype(np.float32)
     head[:, 4 * reg_max :, :] -= 8  # mostly background
     head[0, 4 * reg_max + 1, [3, 7]] = [4.0, 2.0]  # two confident anchors
-    index, values, background = sparsify(head, reg_max, topk=4, floor=0.5)
-    assert index.shape == (2, 4) and set(index[0][index[0] >= 0]) == {3, 7}  # the floor drops the rest
-    dense, mask = densify(index[0], values[0], background[0], reg_max, anchors)
-    assert mask.sum() == 2 and mask[3] and mask[7]
-    assert np.allclose(dense[:, mask], head[0][:, mask])
+    index, values, background = select_topk(torch.from_numpy(head), reg_max, topk=4, floor=0.5)
+    assert index.shape == (2, 4) and set(index[0][index[0] >= 0].tolist()) == {3, 7}  # the floor drops the rest
+    teacher = TeacherBatch(index=index, values=values, background=background.half())
+    logits = teacher.class_logits(4 * reg_max, anchors)[0].numpy()  # expanded as the distiller does
+    mask = np.zeros(anchors, bool)
+    mask[[3, 7]] = True
+    assert np.allclose(logits[:, mask], head[0, 4 * reg_max :][:, mask])
+    assert np.allclose(values[0, :2].numpy(), head[0][:, [3, 7]].T)
     dropped = ~mask
     probs = 1 / (1 + np.exp(-head[0, 4 * reg_max :, dropped.nonzero()[0]]))
-    expected = _logit(probs.mean(0))
-    assert np.allclose(dense[4 * reg_max :, dropped], expected[:, None].astype(np.float16), atol=1e-2)
-    assert np.all(dense[: 4 * reg_max, dropped] == 0)
-    no_floor, _, _ = sparsify(head, reg_max, topk=5, floor=0.0)
+    expected = logit(torch.from_numpy(probs.mean(0))).numpy()
+    assert np.allclose(logits[:, dropped], expected[:, None].astype(np.float16), atol=1e-2)
+    no_floor, _, _ = select_topk(torch.from_numpy(head), reg_max, topk=5, floor=0.0)
     assert (no_floor >= 0).all()
-    more_slots, more_values, _ = sparsify(head, reg_max, topk=anchors + 3, floor=0.0)  # more slots than anchors
+    more_slots, more_values, _ = select_topk(torch.from_numpy(head), reg_max, topk=anchors + 3, floor=0.0)  # more slots than anchors
     assert more_slots.shape == (2, anchors + 3) and (more_slots[:, anchors:] == -1).all() and more_values.shape[1] == anchors + 3
 
 
@@ -66,8 +72,10 @@ def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
         ["--precision", "bfloat16", "--codec", "head=zstd,feat=blosc-lz4"],
         ["--head-topk", "30", "--head-floor", "0.0"],
         ["--head-topk", "30", "--head-floor", "0", "--precision", "int8", "--no-features"],
+        ["--head-topk", "30", "--features", "sparse", "--precision", "int8"],
+        ["--head-topk", "30", "--features", "sparse", "--precision", "bfloat16"],
     ],
-    ids=["int8", "bf16-codecs", "sparse", "sparse-int8-nofeat"],
+    ids=["int8", "bf16-codecs", "sparse", "sparse-int8-nofeat", "sparse-rows-int8", "sparse-rows-bf16"],
 )
 def test_options_round_trip_and_verify(tmp_path, dataset, teacher, options):
     out = tmp_path / "s.zarr"
@@ -77,34 +85,48 @@ def test_options_round_trip_and_verify(tmp_path, dataset, teacher, options):
     assert info.exit_code == 0 and "head (all)" in info.stdout
     reader = CacheReader(str(out))
     sample = reader.read("v0", 4)
-    assert [h.shape for h in sample.head.values()] == [(67, 8, 8), (67, 4, 4), (67, 2, 2)]
     if "--head-topk" in options:
-        assert sample.mask is not None and sum(int(m.sum()) for m in sample.mask.values()) == 30
+        assert sample.head is None and sample.values.shape == (30, 67) and (sample.index >= 0).sum() == 30
     else:
-        assert sample.mask is None
+        assert sample.head.shape == (67, 84) and sample.index is None
+    if "sparse" in options:
+        assert sample.rows.shape == (30, 256) and not sample.feat
+        assert (sample.rows_scale is not None) == ("int8" in options)
     v = run_cli("verify", out, "--samples", 4)
     assert v.exit_code == 0, v.output
     group = zarr.open_group(str(out), mode="r")
     if "int8" in options:
         assert group["v0/head/values" if "--head-topk" in options else "v0/head/p3"].dtype == np.int8
     if "bfloat16" in options:
-        assert group["v0/feat/p3"].dtype == np.uint16
-        assert reader.attrs["storage"]["codec"]["head"]["preset"] == "zstd"
+        assert group["v0/feat/rows" if "sparse" in options else "v0/feat/p3"].dtype == np.uint16
+        if "--codec" in options:
+            assert reader.attrs["storage"]["codec"]["head"]["preset"] == "zstd"
 
 
-def test_sparse_cache_masks_the_box_loss(tmp_path, dataset, teacher):
+def test_a_sparse_batch_holds_no_dense_tensor(tmp_path, dataset, teacher):
+    """The collated teacher batch of a sparse store is [B, K, ...] throughout: nothing [B, C, A] on the CPU side."""
     from softlabel.augment import AugmentConfig
     from softlabel.data import build_index, load_data_yaml
     from softlabel.replay import Replay
     from softlabel.train import DistillDataset, ViewPlan
 
     out = tmp_path / "sp.zarr"
-    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10", "--head-floor", "0")).exit_code == 0
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10", "--features", "sparse",
+                              "--precision", "int8")).exit_code == 0
     reader = CacheReader(str(out))
     aug = reader.attrs["augment"]
     replay = Replay(build_index(load_data_yaml(dataset), check_images=False), AugmentConfig.from_attrs(aug), 64, aug["seed"])
     batch = DistillDataset.collate_fn([DistillDataset(replay, ViewPlan(2, 0, 1, 1), reader)[(i, 0)] for i in range(3)])
-    assert batch["teacher_mask"].shape == (3, 84) and (batch["teacher_mask"].sum(1) == 10).all()
+    assert not [k for k in batch if k.startswith("teacher_")]
+    t = batch["teacher"]
+    assert isinstance(t, TeacherBatch) and t.head is None and not t.feats
+    shapes = {name: tuple(v.shape) for name, v in t.tensors().items()}
+    assert shapes == {"index": (3, 10), "values": (3, 10, 67), "values_scale": (3, 67), "background": (3, 3),
+                      "rows": (3, 10, 256), "rows_scale": (3, 3, 256)}
+    assert t.values.dtype == torch.int8 and t.rows.dtype == torch.int8 and t.row_levels == ("p3", "p4", "p5")
+    assert all(84 not in shape for shape in shapes.values())  # no tensor spans the 84 anchors
+    moved = t.to("cpu")
+    assert moved is not t and torch.equal(moved.rows, t.rows)
 
 
 def test_mismatched_options_are_refused(tmp_path, dataset, teacher):
@@ -131,13 +153,13 @@ def test_default_store_is_int8_with_a_sparse_head(tmp_path, dataset, teacher):
     assert r.exit_code == 0, r.output
     storage = CacheReader(str(out)).attrs["storage"]
     assert storage["precision"] == "int8" and storage["head_sparse"] == {"topk": DEFAULT_HEAD_TOPK, "floor": DEFAULT_HEAD_FLOOR}
+    assert storage["feature_layout"] == "sparse"
     sample = CacheReader(str(out)).read("v0", 0)
-    assert sample.mask is not None  # an untrained teacher may pass no anchor over the floor
-    assert sum(int(m.sum()) for m in sample.mask.values()) <= DEFAULT_HEAD_TOPK
+    assert sample.index.shape == (DEFAULT_HEAD_TOPK,) and sample.rows.shape == (DEFAULT_HEAD_TOPK, 256)
     assert run_cli("verify", out, "--samples", 2).exit_code == 0
     dense = tmp_path / "dense.zarr"
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", dense, "--imgsz", 64, "--batch", 4, "--views", 1,
-                "--close-views", 0, "--quiet", "--head-topk", 0, "--precision", "float16")
+                "--close-views", 0, "--quiet", "--head-topk", 0, "--precision", "float16", "--features", "dense")
     assert r.exit_code == 0, r.output
     storage = CacheReader(str(dense)).attrs["storage"]
     assert storage["precision"] == "float16" and storage["head_sparse"] is None

@@ -35,7 +35,7 @@ def v8s_teacher(tmp_path_factory):
 def cache(tmp_path_factory, dataset, v8s_teacher):
     out = tmp_path_factory.mktemp("c8s") / "c.zarr"
     r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
-                "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet", "--precision", "float16", "--head-topk", 0)
+                "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet", "--precision", "float16", "--head-topk", 0, "--features", "dense")
     assert r.exit_code == 0, r.output
     return out
 
@@ -106,7 +106,7 @@ def _cache_and_live_terms(batch: dict, teacher_path) -> tuple[TeacherBatch, dict
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     torch.manual_seed(0)
     preds = student(batch["img"].float() / 255)
-    cached = TeacherBatch.from_batch(batch)
+    cached = batch["teacher"]
     from_cache = distiller(preds, cached, levels)
     live = t(batch["img"].float() / 255)
     from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
@@ -126,7 +126,8 @@ def test_cache_loss_equals_live_teacher_loss(cache, dataset, v8s_teacher):
 
 
 def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_teacher):
-    """Contract 3 for the default store (int8, sparse head): the loss stays within 1% of the live teacher's."""
+    """Contract 3 for the default store (int8, sparse head, feature rows at the kept anchors): the loss
+    stays within 1% of the live teacher's, and so do its class and feature terms."""
     out = tmp_path / "default.zarr"
     r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
                 "--views", 1, "--close-views", 0, "--quiet")
@@ -135,7 +136,10 @@ def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_
     assert reader.attrs["storage"]["precision"] == "int8" and reader.attrs["storage"]["head_sparse"]
     ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 0), reader)
     teacher, from_cache, from_live = _cache_and_live_terms(_batch(ds, [(i, 0) for i in range(6)]), v8s_teacher)
-    assert teacher.mask is not None and teacher.feat_scale and all(f.dtype == torch.int8 for f in teacher.feats.values())
+    assert teacher.sparse and not teacher.feats and teacher.rows.dtype == torch.int8 and teacher.values.dtype == torch.int8
+    for key in ("kd_cls", "kd_feat"):  # the box term reads the kept anchors only: the total bounds it
+        a, b = float(from_cache[key].detach()), float(from_live[key].detach())
+        assert b > 0 and abs(a - b) <= 0.01 * b, (key, a, b)
     a = float(sum(from_cache.values()).detach())
     b = float(sum(from_live.values()).detach())
     assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)

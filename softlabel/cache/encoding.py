@@ -1,33 +1,19 @@
-"""How teacher tensors become stored arrays and back: precision, quantisation, sparse heads. Pure.
+"""Stored arrays back into one sample's teacher arrays, on the host. Pure numpy.
 
-A shard's raw tensors (float16, one array per level) are encoded together in a writer thread;
-a sample's stored arrays are decoded in a DataLoader worker. Options:
-
-- precision float16 (default), bfloat16 (stored as its raw 16 bits), or int8 with a symmetric
-  per-sample, per-channel scale (`head_scale/{level}`, `feat_scale/{level}`).
-- sparse head: only the top-k anchors per image by the teacher's best class score, and of those
-  only the ones whose score passes a floor, keep their DFL bins and class logits
-  (`head/index`, `head/values`). Every other anchor is background: its class logits are one
-  stored constant per class and sample (`head/background`, the logit of the mean probability of
-  the anchors it replaces), its DFL bins are not kept, and the mask marks it so the box loss skips it.
+Encoding happens on the teacher's device (softlabel.select). A sample's stored arrays are read
+in a DataLoader worker and kept as stored: int8 values and rows with their scales, anchor
+indices, background logits. Precisions: float16, bfloat16 (stored as its raw 16 bits), or int8
+with a symmetric per-sample, per-channel scale.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 PRECISIONS = ("float16", "bfloat16", "int8")
 _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
-
-
-@dataclass(frozen=True)
-class Decoded:
-    head: dict[str, np.ndarray]  # level -> [4*reg_max + nc, H, W], float16 or float32
-    feat: dict[str, np.ndarray]  # level -> [C, H, W]
-    mask: dict[str, np.ndarray] | None  # level -> [H, W] bool, True where the head was kept (sparse only)
-    feat_scale: dict[str, np.ndarray] | None = None  # level -> [C]: feat holds int8, not yet dequantised
 
 
 def stored_dtype(precision: str) -> str:
@@ -75,96 +61,68 @@ def dequantise(q: np.ndarray, precision: str, scale: np.ndarray | None, channel_
     return q.astype(np.float32) * scale.reshape(shape)
 
 
-# sparse head ------------------------------------------------------------------------------------
+# one sample as stored ----------------------------------------------------------------------------
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
+@dataclass
+class TeacherSample:
+    """One sample-view's teacher arrays as the store holds them: a sparse store's arrays stay sparse
+    and int8 (the student's device expands what a loss needs); a dense store's head is float."""
+
+    fingerprint: bytes
+    index: np.ndarray | None = None  # sparse head: [K] int32 anchors, -1 for an unused slot
+    values: np.ndarray | None = None  # [K, 4*reg_max + nc]: int8 (with values_scale), float16 or float32
+    values_scale: np.ndarray | None = None  # [4*reg_max + nc] float32
+    background: np.ndarray | None = None  # [nc] float16: the class logit of every other anchor
+    head: np.ndarray | None = None  # dense head: [4*reg_max + nc, A] float, levels concatenated
+    rows: np.ndarray | None = None  # sparse features: [K, Cmax], the feature vector of index[j] at its level
+    rows_scale: np.ndarray | None = None  # [L, Cmax] float32, per stored feature level
+    row_levels: tuple[str, ...] = ()  # the stored feature levels, in rows_scale's order
+    feat: dict[str, np.ndarray] = field(default_factory=dict)  # dense features: level -> [C, H, W]
+    feat_scale: dict[str, np.ndarray] | None = None  # int8 dense features: level -> [C]
+
+    @property
+    def sparse(self) -> bool:
+        return self.index is not None
+
+    def head_values(self) -> np.ndarray:
+        """The kept anchors' DFL bins and class logits [K, C] as float32."""
+        v = self.values.astype(np.float32)
+        return v if self.values_scale is None else v * self.values_scale[None]
+
+    def row_values(self, row_level: np.ndarray) -> np.ndarray:
+        """The feature rows [K, Cmax] as float32; row_level [K]: each slot's stored feature level (its row of rows_scale), -1 for none."""
+        r = self.rows.astype(np.float32)
+        if self.rows_scale is None:
+            return r
+        scale = np.where((row_level >= 0)[:, None], self.rows_scale[np.maximum(row_level, 0)], 0)
+        return r * scale
+
+    def feat_map(self, level: str) -> np.ndarray:
+        """A dense feature map [C, H, W] as float32."""
+        f = self.feat[level].astype(np.float32)
+        return f if not self.feat_scale else f * self.feat_scale[level][:, None, None]
 
 
-def sparsify(head: np.ndarray, reg_max: int, topk: int, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """head [B, C, A] -> (index [B, K] int32 with -1 for unused slots, values [B, K, C], background [B, nc])."""
-    b, c, a = head.shape
-    k = min(topk, a)
-    logits = head[:, 4 * reg_max :, :].astype(np.float32)  # [B, nc, A]
-    score = logits.max(1)  # the best class logit ranks anchors as the best sigmoid does
-    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
-    keep = np.take_along_axis(score, order, 1) >= _logit(np.float32(floor)) if floor > 0 else np.ones_like(order, bool)
-    index = np.where(keep, order, -1).astype(np.int32)
-    values = np.take_along_axis(head, np.maximum(index, 0)[:, None, :], 2).transpose(0, 2, 1)
-    values = np.where(keep[:, :, None], values, 0).astype(head.dtype)
-    dropped = np.ones((b, a), bool)
-    rows = np.repeat(np.arange(b)[:, None], k, 1)
-    dropped[rows[keep], index[keep]] = False
-    probs = 1 / (1 + np.exp(-logits))
-    n = np.maximum(dropped.sum(1), 1)[:, None]
-    background = _logit((probs * dropped[:, None, :]).sum(2) / n).astype(np.float16)
-    if k < topk:  # fewer anchors than slots (a small image): the rest of the slots stay unused
-        index = np.pad(index, ((0, 0), (0, topk - k)), constant_values=-1)
-        values = np.pad(values, ((0, 0), (0, topk - k), (0, 0)))
-    return index, values, background
-
-
-def densify(index: np.ndarray, values: np.ndarray, background: np.ndarray, reg_max: int, anchors: int) -> tuple[np.ndarray, np.ndarray]:
-    """One sample: (index [K], values [K, C], background [nc]) -> (head [C, A] float32, kept mask [A])."""
-    c = values.shape[1]
-    head = np.zeros((c, anchors), np.float32)
-    head[4 * reg_max :, :] = background.astype(np.float32)[:, None]
-    keep = index >= 0
-    head[:, index[keep]] = values[keep].T
-    mask = np.zeros(anchors, bool)
-    mask[index[keep]] = True
-    return head, mask
-
-
-# whole shards and single samples ------------------------------------------------------------
-
-
-def encode_shard(raw: dict[str, np.ndarray], layout) -> dict[str, np.ndarray]:
-    """Raw float16 tensors of S samples ('head/p3': [S, C, H, W], 'feat/p3': ...) -> stored arrays."""
-    out: dict[str, np.ndarray] = {}
+def decode_sample(stored: dict[str, np.ndarray], layout, fingerprint: bytes) -> TeacherSample:
+    """One sample's stored arrays (Layout.stored names without the view and sample axis) -> a TeacherSample."""
     p = layout.precision
+    out = TeacherSample(fingerprint=fingerprint)
+
+    def values(name: str) -> np.ndarray:  # int8 stays int8 (its scale travels beside it); bfloat16 bits become float32
+        return dequantise(stored[name], p, None, 0) if p == "bfloat16" else stored[name]
+
     if layout.sparse:
-        flat = np.concatenate([raw[f"head/{lvl}"].reshape(*raw[f"head/{lvl}"].shape[:2], -1) for lvl in layout.head], 2)
-        index, values, background = sparsify(flat, layout.reg_max, layout.sparse["topk"], layout.sparse["floor"])
-        out["head/index"], out["head/background"] = index, background
-        out["head/values"], scale = quantise(values, p, channel_axis=2)
-        if scale is not None:
-            out["head/scale"] = scale
+        out.index, out.background = stored["head/index"], stored["head/background"]
+        out.values, out.values_scale = values("head/values"), stored.get("head/scale")
     else:
-        for lvl in layout.head:
-            out[f"head/{lvl}"], scale = quantise(raw[f"head/{lvl}"], p, channel_axis=1)
-            if scale is not None:
-                out[f"head_scale/{lvl}"] = scale
-    for lvl in layout.feat:
-        out[f"feat/{lvl}"], scale = quantise(raw[f"feat/{lvl}"], p, channel_axis=1)
-        if scale is not None:
-            out[f"feat_scale/{lvl}"] = scale
+        out.head = np.concatenate(
+            [dequantise(stored[f"head/{lvl}"], p, stored.get(f"head_scale/{lvl}"), 0).reshape(shape[0], -1)
+             for lvl, shape in layout.head.items()], 1)
+    if layout.feature_rows:
+        out.rows, out.rows_scale, out.row_levels = values("feat/rows"), stored.get("feat/scale"), tuple(layout.feat)
+    elif layout.feat:
+        out.feat = {lvl: values(f"feat/{lvl}") for lvl in layout.feat}
+        if p == "int8":
+            out.feat_scale = {lvl: stored[f"feat_scale/{lvl}"] for lvl in layout.feat}
     return out
-
-
-def decode_sample(stored: dict[str, np.ndarray], layout, dequantise_feat: bool = True) -> Decoded:
-    """One sample's stored arrays (keys as encode_shard's, without the sample axis) -> tensors per level.
-
-    With dequantise_feat=False an int8 store's feature maps stay int8 with their scales beside them
-    (Decoded.feat_scale): a trainer dequantises a whole batch at once, or only the positions it uses."""
-    p = layout.precision
-    head: dict[str, np.ndarray] = {}
-    mask = None
-    if layout.sparse:
-        values = dequantise(stored["head/values"], p, stored.get("head/scale"), channel_axis=1)
-        dense, kept = densify(stored["head/index"], values, stored["head/background"], layout.reg_max, layout.anchors)
-        mask, start = {}, 0
-        for lvl, (c, h, w) in layout.head.items():
-            head[lvl] = dense[:, start : start + h * w].reshape(c, h, w)
-            mask[lvl] = kept[start : start + h * w].reshape(h, w)
-            start += h * w
-    else:
-        for lvl in layout.head:
-            head[lvl] = dequantise(stored[f"head/{lvl}"], p, stored.get(f"head_scale/{lvl}"), channel_axis=0)
-    if p == "int8" and not dequantise_feat:
-        feat = {lvl: stored[f"feat/{lvl}"] for lvl in layout.feat}
-        return Decoded(head=head, feat=feat, mask=mask, feat_scale={lvl: stored[f"feat_scale/{lvl}"] for lvl in layout.feat})
-    feat = {lvl: dequantise(stored[f"feat/{lvl}"], p, stored.get(f"feat_scale/{lvl}"), channel_axis=0) for lvl in layout.feat}
-    return Decoded(head=head, feat=feat, mask=mask)

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from softlabel.cache import store
 from softlabel.cache.fastread import ShardedSampleReader, open_fast
-from softlabel.cache.encoding import decode_sample
+from softlabel.cache.encoding import TeacherSample, decode_sample
 from softlabel.cache.schema import Layout, fingerprint_path
 from softlabel.errors import UserError
-
-
-@dataclass
-class CachedSample:
-    head: dict[str, np.ndarray]  # level -> [4*reg_max + nc, H, W]
-    feat: dict[str, np.ndarray]  # level -> [C, H, W]
-    fingerprint: bytes
-    mask: dict[str, np.ndarray] | None = None  # sparse heads: level -> [H, W], True where the teacher's head was kept
-    feat_scale: dict[str, np.ndarray] | None = None  # read with dequantise_feat=False from an int8 store: level -> [C]
 
 
 class CacheReader:
@@ -74,17 +64,21 @@ class CacheReader:
     def fingerprint(self, view: str, index: int) -> bytes:
         return self._sample(fingerprint_path(view), index).tobytes()
 
-    def read(self, view: str, index: int, dequantise_feat: bool = True) -> CachedSample:
-        """One sample-view's teacher tensors; see decode_sample for dequantise_feat."""
+    def read(self, view: str, index: int) -> TeacherSample:
+        """One sample-view's teacher arrays as stored (a sparse store stays sparse and int8)."""
         if view not in self.layout.views:
             raise UserError(f"{self.location}: no view '{view}' (views: {', '.join(self.layout.views)})")
         if view not in self._stored_names:  # the hot path: work the names out once per view
             self._stored_names[view] = [(name, name[len(view) + 1 :]) for name in self.layout.stored(view)]
         stored = {short: self._sample(name, index) for name, short in self._stored_names[view]}
-        decoded = decode_sample(stored, self.layout, dequantise_feat)
-        fingerprint = self._sample(fingerprint_path(view), index).tobytes()
-        return CachedSample(head=decoded.head, feat=decoded.feat, fingerprint=fingerprint, mask=decoded.mask,
-                            feat_scale=decoded.feat_scale)
+        return decode_sample(stored, self.layout, self._sample(fingerprint_path(view), index).tobytes())
+
+    def anchor_levels(self) -> np.ndarray:
+        """[A]: the stored feature level (position in feature_levels) of every head anchor, -1 where none is stored."""
+        out, levels = [], self.feature_levels
+        for lvl, (_, h, w) in self.layout.head.items():
+            out.append(np.full(h * w, levels.index(lvl) if lvl in levels else -1, np.int64))
+        return np.concatenate(out)
 
     def _fast(self, path: str) -> ShardedSampleReader | None:
         if path not in self._fast_readers:

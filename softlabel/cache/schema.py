@@ -1,15 +1,24 @@
 """The cache's self-description: root attributes, array layout, and what must match to reuse a store.
 
-Layout (zarr v3):
-    samples/path          [N]                 image paths relative to the dataset root
-    {view}/fingerprint    [N, 16] uint8       blake2b-128 of the replayed image and labels
-    {view}/head/{level}   [N, 4*reg_max+nc, H, W]   dense head (or, sparse: head/index [N, K],
-                                                     head/values [N, K, 4*reg_max+nc], head/background [N, nc])
-    {view}/feat/{level}   [N, C, H, W]
-    {view}/head_scale/{level}, feat_scale/{level}   [N, C] float32, with int8 precision
-                                                     (sparse head: head/scale [N, 4*reg_max+nc])
-    {view}/done           [N/S] uint8         1 once every array of that shard is durable
-with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples.
+Layout (zarr v3), schema 2:
+    samples/path            [N]                       image paths relative to the dataset root
+    {view}/fingerprint      [N, 16] uint8             blake2b-128 of the replayed image and labels
+  sparse head (default, K = head_sparse.topk):
+    {view}/head/index       [N, K] int32              kept anchors (P3..P5 row-major) best first, -1 for an unused slot
+    {view}/head/values      [N, K, 4*reg_max+nc]      their DFL bins and class logits
+    {view}/head/scale       [N, 4*reg_max+nc] float32 int8 only
+    {view}/head/background  [N, nc] float16           the class logit of every other anchor
+  dense head (--head-topk 0):
+    {view}/head/{level}     [N, 4*reg_max+nc, H, W]   with head_scale/{level} [N, 4*reg_max+nc] (int8)
+  sparse features (default, needs a sparse head; storage.feature_layout "sparse"):
+    {view}/feat/rows        [N, K, Cmax]              row j: the feature vector of anchor index[j] at its
+                                                      own level, zero past that level's C (Cmax: widest level)
+    {view}/feat/scale       [N, L, Cmax] float32      int8 only: per stored level and channel, over its rows
+  dense features (--features dense):
+    {view}/feat/{level}     [N, C, H, W]              with feat_scale/{level} [N, C] (int8)
+    {view}/done             [N/S] uint8               1 once every array of that shard is durable
+with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
+rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from typing import Any
 from softlabel.errors import UserError
 
 FORMAT = "softlabel-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+FEATURE_LAYOUTS = ("sparse", "dense")
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
 _VOLATILE = {"teacher.path", "data.yaml", "data.root", "created", "softlabel_version", "storage.writer", "command"}
@@ -49,6 +59,7 @@ class Layout:
     nc: int = 80
     precision: str = "float16"
     sparse: dict | None = None  # {"topk": K, "floor": F} for a sparse head
+    feature_layout: str = "dense"  # "sparse": feature rows at the kept anchors; "dense": whole maps
 
     @property
     def n_shards(self) -> int:
@@ -58,14 +69,18 @@ class Layout:
     def anchors(self) -> int:
         return sum(h * w for _, h, w in self.head.values())
 
+    @property
+    def feature_rows(self) -> bool:
+        """Features stored as rows at the sparse head's kept anchors."""
+        return bool(self.feat) and self.feature_layout == "sparse"
+
+    @property
+    def row_width(self) -> int:
+        """Cmax: the widest stored feature level; narrower levels' rows are zero-padded to it."""
+        return max(c for c, _, _ in self.feat.values())
+
     def shard_range(self, shard: int) -> tuple[int, int]:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
-
-    def raw(self, view: str) -> dict[str, tuple[int, ...]]:
-        """What a writer buffers per sample before encoding: the teacher's float16 tensors."""
-        out = {head_path(view, lvl): shape for lvl, shape in self.head.items()}
-        out.update({feat_path(view, lvl): shape for lvl, shape in self.feat.items()})
-        return out
 
     def stored(self, view: str) -> dict[str, ArraySpec]:
         """Every per-sample array of a view as it is on disk."""
@@ -85,6 +100,12 @@ class Layout:
                 out[head_path(view, lvl)] = ArraySpec(shape, dt, "head")
                 if int8:
                     out[f"{view}/head_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
+        if self.feature_rows:
+            k = self.sparse["topk"]
+            out[f"{view}/feat/rows"] = ArraySpec((k, self.row_width), dt, "feat")
+            if int8:
+                out[f"{view}/feat/scale"] = ArraySpec((len(self.feat), self.row_width), "float32", "raw")
+            return out
         for lvl, shape in self.feat.items():
             out[feat_path(view, lvl)] = ArraySpec(shape, dt, "feat")
             if int8:
@@ -110,6 +131,7 @@ class Layout:
             nc=int(t["nc"]),
             precision=s.get("precision", "float16"),
             sparse=s.get("head_sparse"),
+            feature_layout=s.get("feature_layout") or "dense",
         )
 
 
@@ -143,10 +165,16 @@ def build_attrs(teacher: dict, data: dict, augment: dict, storage: dict, version
 
 
 def check_format(attrs: dict[str, Any], where: str) -> None:
-    """Refuse a store that is not a softlabel cache, or one written by a newer schema."""
+    """Refuse a store that is not a softlabel cache, or one written by an older or newer schema."""
     if attrs.get("format") != FORMAT:
         raise UserError(f"{where}: not a softlabel cache (no '{FORMAT}' format attribute)")
     version = attrs.get("schema_version")
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        raise UserError(
+            f"{where}: written by an older softlabel (cache schema {version}; this softlabel reads schema "
+            f"{SCHEMA_VERSION}, which stores features at the kept anchors); re-dump it with 'softlabel dump' "
+            "(--overwrite replaces it)"
+        )
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(
             f"{where}: cache schema version {version} is newer than this softlabel reads ({SCHEMA_VERSION}); "

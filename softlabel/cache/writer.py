@@ -1,8 +1,8 @@
 """Shard-owned background writing: the teacher never waits for compression or disk.
 
-Samples are buffered per (view, shard) as the teacher's float16 tensors; a shard is encoded
-(precision, sparse head) and handed to a writer thread only when all its
-samples are in, is written whole (zarr rewrites a shard object whole, so partial writes by two
+Samples arrive already in their stored form (selected and quantised on the teacher's device,
+softlabel.select) and are buffered per (view, shard); a shard is handed to a writer thread, which
+compresses it, only when all its samples are in, is written whole (zarr rewrites a shard object whole, so partial writes by two
 owners would lose rows), and its done flag is set only after every array of it is stored.
 """
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from softlabel.cache.encoding import encode_shard
 from softlabel.cache.schema import Layout, done_path, fingerprint_path
 from softlabel.errors import UserError
 from softlabel.replay import FINGERPRINT_BYTES
@@ -43,7 +42,7 @@ class CacheWriter:
         self._slots = threading.BoundedSemaphore(max_pending)  # bounds memory held by shards in flight
         self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
         self._futures: list[Future] = []
-        self.bytes_written = 0  # raw tensor bytes handed to the store
+        self.bytes_written = 0  # stored (uncompressed) bytes handed to the store
         self.shards_written = 0
         self._lock = threading.Lock()
 
@@ -51,13 +50,13 @@ class CacheWriter:
         key = (view, shard)
         if key not in self._buffers:
             start, stop = self.layout.shard_range(shard)
-            arrays = {name: np.zeros((stop - start, *shape), np.float16) for name, shape in self.layout.raw(view).items()}
+            arrays = {name: np.zeros((stop - start, *spec.shape), spec.dtype) for name, spec in self.layout.stored(view).items()}
             fps = np.zeros((stop - start, FINGERPRINT_BYTES), np.uint8)
             self._buffers[key] = _ShardBuffer(start, stop, arrays, fps)
         return self._buffers[key]
 
     def add(self, view: str, index: int, tensors: dict[str, np.ndarray], fingerprint: bytes) -> None:
-        """tensors: raw array path -> this sample's teacher tensor (e.g. 'v0/head/p3' -> [C, H, W])."""
+        """tensors: stored array path -> this sample's stored values (e.g. 'v0/head/values' -> [K, C] int8)."""
         self.raise_errors()
         shard = index // self.layout.shard_size
         buf = self._buffer(view, shard)
@@ -73,11 +72,9 @@ class CacheWriter:
 
     def _write(self, view: str, shard: int, buf: _ShardBuffer) -> None:
         try:
-            prefix = f"{view}/"
-            raw = {name[len(prefix) :]: data for name, data in buf.arrays.items()}
-            for name, data in encode_shard(raw, self.layout).items():
+            for name, data in buf.arrays.items():
                 # all-zero chunks are written too: a missing chunk must only ever mean damage
-                self.group[prefix + name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
+                self.group[name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
             self.group[fingerprint_path(view)].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = buf.fingerprints
             # the flag goes last: a shard marked done is a shard whose every byte is stored
             self.group[done_path(view)][shard] = 1

@@ -6,46 +6,17 @@ a live teacher and the tests all feed it the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from softlabel.distill.adapters import FeatureAdapters
 from softlabel.distill.config import DistillConfig
+from softlabel.distill.teacherbatch import TeacherBatch
 from softlabel.errors import UserError
 
 ITEM = {"cls": "kd_cls", "box": "kd_box", "feat": "kd_feat"}
 
-
-@dataclass
-class TeacherBatch:
-    head: Tensor  # [B, 4*reg_max + nc, A]: DFL bins then class logits, anchors P3..P5 row-major
-    feats: dict[str, Tensor]  # level -> [B, C, H, W]
-    mask: Tensor | None = None  # [B, A], 1 where the head is the teacher's own (a sparse cache reconstructs the rest)
-    feat_scale: dict[str, Tensor] | None = None  # int8 cache: level -> [B, C], and feats hold the int8 values
-
-    @classmethod
-    def from_batch(cls, batch: dict) -> "TeacherBatch":
-        """The teacher tensors of a training batch: teacher_head, teacher_feat_<level>, and when
-        present teacher_mask and teacher_scale_<level>."""
-        feats = {k[len("teacher_feat_") :]: v for k, v in batch.items() if k.startswith("teacher_feat_")}
-        scales = {k[len("teacher_scale_") :]: v for k, v in batch.items() if k.startswith("teacher_scale_")}
-        return cls(batch["teacher_head"], feats, batch.get("teacher_mask"), scales or None)
-
-    def feat(self, level: str) -> Tensor:
-        """One level's feature map [B, C, H, W] as float32."""
-        f = self.feats[level].float()
-        scale = (self.feat_scale or {}).get(level)
-        return f if scale is None else f * scale.float()[:, :, None, None]
-
-    def feat_rows(self, level: str, b: Tensor, p: Tensor) -> Tensor:
-        """The feature vectors [N, C] at (image b[n], flattened position p[n]) as float32: an int8
-        map is dequantised at those positions only."""
-        # indexing batch and position around the channel slice gives rows [N, C]
-        rows = self.feats[level].flatten(2)[b, :, p].float()
-        scale = (self.feat_scale or {}).get(level)
-        return rows if scale is None else rows * scale[b].float()
+__all__ = ["Distiller", "TeacherBatch", "split_head", "ITEM"]
 
 
 class Distiller(nn.Module):
@@ -106,33 +77,41 @@ class Distiller(nn.Module):
     def forward(self, student: dict, teacher: TeacherBatch, student_levels: list[str]) -> dict[str, Tensor]:
         """Weighted distillation terms (already multiplied by the schedule factor), keyed by item name."""
         box_ch = 4 * self.reg_max
-        t_boxes, t_scores = teacher.head[:, :box_ch].float(), teacher.head[:, box_ch:].float()
         out: dict[str, Tensor] = {}
         zero = student["scores"].new_zeros(())
         if self.factor == 0:
             return {name: zero for name in self.item_names}
+        # a sparse teacher is expanded here, on the student's device: background logits everywhere, the kept anchors scattered in
+        t_scores = teacher.class_logits(box_ch, student["scores"].shape[2])
         if "cls" in self.losses:
             out["kd_cls"] = self.weights["cls"] * self.losses["cls"](student["scores"], t_scores)
         t_conf = t_scores.sigmoid().amax(1) if self.needs_confidence else None
         if "box" in self.losses:
             loss = self.losses["box"]
-            weight = t_conf if getattr(loss, "confidence_weighted", False) else None
-            s_boxes = student["boxes"]
-            if teacher.mask is not None:
-                # a sparse head: reconstructed anchors weigh 0, so the term is computed on the kept
-                # anchors alone, gathered as one [1, C, N] batch (the same weighted mean, far fewer anchors)
-                b, a = (teacher.mask > 0).nonzero(as_tuple=True)
-                s_boxes, t_boxes = s_boxes[b, :, a].T[None], t_boxes[b, :, a].T[None]
-                kept = teacher.mask[b, a].to(t_boxes.dtype)
-                weight = (kept if weight is None else weight[b, a] * kept)[None]
-            out["kd_box"] = self.weights["box"] * loss(s_boxes, t_boxes, weight)
+            weighted = getattr(loss, "confidence_weighted", False)
+            if teacher.sparse:
+                # the DFL bins exist at the kept anchors only: the term runs on them, gathered as one [1, C, N] batch
+                b, j = (teacher.index >= 0).nonzero(as_tuple=True)
+                a = teacher.index[b, j].long()
+                s_boxes = student["boxes"][b, :, a].T[None]
+                t_boxes = teacher.head_values()[b, j, :box_ch].T[None]
+                weight = t_conf[b, a][None] if weighted else None
+            else:
+                s_boxes, t_boxes = student["boxes"], teacher.head[:, :box_ch].float()
+                weight = t_conf if weighted else None
+            if s_boxes.shape[2] == 0:  # no kept anchor in the batch: nothing to distil, and no NaN from an empty mean
+                out["kd_box"] = student["boxes"].sum() * 0.0
+            else:
+                out["kd_box"] = self.weights["box"] * loss(s_boxes, t_boxes, weight)
         if self.feat_levels:
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
             conf = self._level_confidence(t_conf, student["feats"], student_levels) if t_conf is not None else None
             if self.positions is None:
                 terms, mass = self._feature_maps(s_feats, teacher, conf)
+            elif teacher.rows is not None:
+                terms, mass = self._feature_stored_rows(s_feats, teacher, box_ch, student["feats"], student_levels)
             else:
-                terms, mass = self._feature_rows(s_feats, teacher, t_conf, conf, student["feats"], student_levels)
+                terms, mass = self._feature_rows(s_feats, teacher, t_scores.amax(1), conf, student["feats"], student_levels)
             if mass is not None and self.level_balance == "confidence":
                 share = mass / mass.sum().clamp_min(1e-12)
             else:
@@ -152,7 +131,7 @@ class Distiller(nn.Module):
         self,
         s_feats: list[Tensor],
         teacher: TeacherBatch,
-        t_conf: Tensor,
+        t_best: Tensor,
         conf: list[Tensor],
         all_feats: list[Tensor],
         student_levels: list[str],
@@ -163,8 +142,10 @@ class Distiller(nn.Module):
         Only those positions are gathered and projected, so the term costs the same whatever the
         image size; elsewhere the teacher sees background and a confidence weight is near zero anyway.
         """
-        k = min(self.positions, t_conf.shape[1])
-        chosen = torch.zeros_like(t_conf, dtype=torch.bool).scatter_(1, t_conf.topk(k, dim=1).indices, True)
+        k = min(self.positions, t_best.shape[1])
+        # ranked as the dump ranks the anchors it keeps: by best class logit, the lower anchor first among equals
+        top = torch.sort(t_best, dim=1, descending=True, stable=True).indices[:, :k]
+        chosen = torch.zeros_like(t_best, dtype=torch.bool).scatter_(1, top, True)
         chosen = self._level_confidence(chosen, all_feats, student_levels)
         terms, mass = [], []
         for level, (lvl, fn, s, keep, c) in enumerate(zip(self.feat_levels, self.feat_losses, s_feats, chosen, conf)):
@@ -178,6 +159,33 @@ class Distiller(nn.Module):
                 continue
             s_rows = self.adapters.rows(level, s.flatten(2)[b, :, p].float())
             t_rows = teacher.feat_rows(lvl, b, p)
+            terms.append(fn(s_rows, t_rows, w if self.feat_weighted else None))
+        return torch.stack(terms), torch.stack(mass)
+
+    def _feature_stored_rows(
+        self, s_feats: list[Tensor], teacher: TeacherBatch, box_ch: int, all_feats: list[Tensor], student_levels: list[str]
+    ) -> tuple[Tensor, Tensor]:
+        """As _feature_rows, from a sparse store's rows: each image's `positions` kept anchors the
+        teacher is most confident in, their stored rows used as they are."""
+        # the dump stored the kept anchors in the teacher's rank order: the first `positions` slots are its top ones
+        k = min(self.positions, teacher.index.shape[1])
+        conf = teacher.head_values()[:, :k, box_ch:].amax(2).sigmoid()
+        anchor = teacher.index[:, :k].long()
+        chosen = anchor >= 0
+        slot = torch.arange(k, device=anchor.device).expand_as(anchor)
+        sizes = [f.shape[2] * f.shape[3] for f in all_feats]  # the head's anchors run P3..P5, one per feature position
+        starts = dict(zip(student_levels, [sum(sizes[:i]) for i in range(len(sizes))]))
+        ends = {lvl: starts[lvl] + n for lvl, n in zip(student_levels, sizes)}
+        terms, mass = [], []
+        for level, (lvl, fn, s) in enumerate(zip(self.feat_levels, self.feat_losses, s_feats)):
+            b, q = (chosen & (anchor >= starts[lvl]) & (anchor < ends[lvl])).nonzero(as_tuple=True)
+            w = conf[b, q]
+            mass.append(w.sum())
+            if len(b) == 0:  # no chosen anchor on this level in this batch
+                terms.append(s.new_zeros((), dtype=torch.float32))
+                continue
+            s_rows = self.adapters.rows(level, s.flatten(2)[b, :, anchor[b, q] - starts[lvl]].float())
+            t_rows = teacher.stored_rows(lvl, b, slot[b, q], self.adapters.teacher_channels[level])
             terms.append(fn(s_rows, t_rows, w if self.feat_weighted else None))
         return torch.stack(terms), torch.stack(mass)
 

@@ -1,4 +1,4 @@
-"""Phase two: a thin DetectionTrainer subclass that trains a student against the cache (or a live teacher).
+"""A thin DetectionTrainer subclass that trains a student against the cache (or a live teacher).
 
 What stays Ultralytics': the model, the detection loss and its assignment, optimizer, schedule,
 EMA, AMP, validation, checkpoints and resume. What is ours: the training dataset (replayed
@@ -9,17 +9,12 @@ DDP they are kept identical on every rank by softlabel.ddp.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 from ultralytics.data.build import InfiniteDataLoader
-from ultralytics.data.dataset import YOLODataset
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils.loss import v8DetectionLoss
 from ultralytics.utils.torch_utils import unwrap_model
 
 from softlabel.augment import AugmentConfig, load_augment
@@ -30,110 +25,15 @@ from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
-from softlabel.replay import Replay, View
-from softlabel.student import resolve_student  # noqa: F401  (callers import it from here)
-from softlabel.sampler import EpochSampler
+from softlabel.replay import Replay
 from softlabel.teacher import Teacher, level_name
+from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch
+from softlabel.train.criterion import DistillLoss
+from softlabel.train.dataset import DistillDataset
+from softlabel.train.plan import ViewPlan
+from softlabel.train.sampler import EpochSampler
 
 DISTILL_STATE = "distill_state.pt"
-
-
-@dataclass(frozen=True)
-class ViewPlan:
-    """Which cached view a student epoch replays: mosaic view e mod K, closing view e mod M at the end."""
-
-    epochs: int
-    close_mosaic: int
-    views: int
-    close_views: int
-
-    def closing(self, epoch: int) -> bool:
-        return self.close_mosaic > 0 and epoch >= self.epochs - self.close_mosaic
-
-    def view(self, epoch: int) -> View:
-        if self.closing(epoch):
-            return View("c", epoch % self.close_views)
-        return View("v", epoch % self.views)
-
-
-class DistillDataset(Dataset):
-    """Replayed samples in Ultralytics' batch format, with the cached teacher tensors when a cache is given."""
-
-    def __init__(self, replay: Replay, plan: ViewPlan, reader: CacheReader | None = None):
-        self.replay = replay
-        self.plan = plan
-        self.reader = reader
-        self.index = replay.index
-        # what Ultralytics reads of a train dataset (label plots, class weights, max_det checks)
-        self.labels = [{"cls": lab[:, :1].copy(), "bboxes": lab[:, 1:].copy(), "im_file": str(p)} for lab, p in zip(self.index.labels, self.index.images)]
-        self.im_files = [str(p) for p in self.index.images]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
-        i, epoch = item
-        view = self.plan.view(epoch)
-        s = self.replay(i, view)
-        n = len(s.labels)
-        out: dict[str, Any] = {
-            "im_file": str(self.index.images[i]),
-            "ori_shape": self.index.sizes[i] if self.index.sizes else s.image.shape[:2],
-            "resized_shape": s.image.shape[:2],
-            "ratio_pad": ((1.0, 1.0), (0.0, 0.0)),
-            "img": torch.from_numpy(np.ascontiguousarray(s.image[..., ::-1].transpose(2, 0, 1))),  # RGB CHW
-            "cls": torch.from_numpy(s.labels[:, :1].copy()),
-            "bboxes": torch.from_numpy(s.labels[:, 1:].copy()),
-            "batch_idx": torch.zeros(n),
-            "epoch": epoch,
-            "sample": i,
-        }
-        if self.reader is not None:
-            # int8 feature maps stay int8 here: the distiller dequantises only the positions it uses
-            cached = self.reader.read(view.key, i, dequantise_feat=False)
-            if cached.fingerprint != s.fingerprint:
-                raise UserError(
-                    f"sample {i} ({self.index.images[i].name}), view {view.key}: the replayed image differs from the "
-                    f"teacher's input (fingerprint {s.fingerprint.hex()} != cached {cached.fingerprint.hex()}); "
-                    "seed, augmentation settings, the image file or the OpenCV/albumentations build changed since the dump"
-                )
-            out["teacher_head"] = torch.from_numpy(np.concatenate([h.reshape(h.shape[0], -1) for h in cached.head.values()], 1))
-            if cached.mask is not None:  # a sparse head: the box loss skips reconstructed anchors
-                out["teacher_mask"] = torch.from_numpy(np.concatenate([m.reshape(-1) for m in cached.mask.values()]).astype(np.float32))
-            for lvl, f in cached.feat.items():
-                out[f"teacher_feat_{lvl}"] = torch.from_numpy(f)
-            for lvl, scale in (cached.feat_scale or {}).items():
-                out[f"teacher_scale_{lvl}"] = torch.from_numpy(scale)
-        return out
-
-    @staticmethod
-    def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
-        extra = {k: torch.stack([b.pop(k) for b in batch]) for k in list(batch[0]) if k.startswith("teacher_")}
-        epochs = torch.tensor([b.pop("epoch") for b in batch])
-        samples = torch.tensor([b.pop("sample") for b in batch])
-        out = YOLODataset.collate_fn(batch)
-        out.update(extra, epoch=epochs, sample=samples)
-        return out
-
-
-class DistillLoss(v8DetectionLoss):
-    """Ultralytics' detection loss plus the distillation terms, each its own loss item."""
-
-    def __init__(self, model, distiller: Distiller, student_levels: list[str]):
-        super().__init__(model)
-        self.distiller = distiller
-        self.student_levels = student_levels
-
-    def loss(self, preds, batch):
-        bs = preds["boxes"].shape[0]
-        det, items = self.get_assigned_targets_and_loss(preds, batch)[1:]
-        if "teacher_head" in batch:
-            terms = self.distiller(preds, TeacherBatch.from_batch(batch), self.student_levels)
-        else:  # a batch without teacher tensors (validation): the terms read zero
-            terms = {k: det.new_zeros(()) for k in self.distiller.item_names}
-        loss = torch.cat([det, *(v.reshape(1) for v in terms.values())])
-        items.update({k: v.detach() for k, v in terms.items()})
-        return loss * bs, items
 
 
 def student_levels(model) -> tuple[list[str], list[int], int, list[int], int]:
@@ -180,6 +80,7 @@ class DistillTrainer(DetectionTrainer):
             reader = CacheReader(self.cache)
             attrs = reader.attrs
             check_cache_matches(attrs, spec, index, imgsz, self.cache)
+            check_config_fits_cache(load_distill(self.distill_config), attrs, self.cache)
             reader.require_complete()
             augment = AugmentConfig.from_attrs(attrs["augment"])
             self.replay = Replay(index, augment, imgsz, int(attrs["augment"]["seed"]))
@@ -245,9 +146,9 @@ class DistillTrainer(DetectionTrainer):
         batch = super().preprocess_batch(batch)
         if self.live_teacher is not None:
             out = self.live_teacher(batch["img"])
-            batch["teacher_head"] = split_head(out.head)
-            for lvl, f in zip(self.teacher_levels, out.feat):
-                batch[f"teacher_feat_{lvl}"] = f
+            batch["teacher"] = TeacherBatch(head=split_head(out.head), feats=dict(zip(self.teacher_levels, out.feat)))
+        elif "teacher" in batch:  # the cache's arrays, as stored, go to the student's device; the distiller expands them there
+            batch["teacher"] = batch["teacher"].to(self.device, non_blocking=True)
         return batch
 
     def _close_dataloader_mosaic(self):
@@ -334,94 +235,6 @@ def _set_schedule_factor(trainer: DistillTrainer) -> None:
     )
 
 
-def check_epoch(batch: dict, epoch: int) -> None:
-    """A batch must be replayed for the epoch being trained; anything else is a stale worker."""
-    got = sorted(set(batch["epoch"].tolist()))
-    if got != [epoch]:
-        raise RuntimeError(f"batch replayed for epoch(s) {got} arrived in epoch {epoch}: a DataLoader worker holds a stale epoch")
-
-
-def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> None:
-    """Contract 4: refuse a cache that belongs to other data, classes or image size, saying what differs."""
-    t, d = attrs["teacher"], attrs["data"]
-    if t["nc"] != spec.nc:
-        raise UserError(f"{where}: the cache's teacher has {t['nc']} classes but {spec.yaml_path} has nc={spec.nc}")
-    if list(t["names"]) != list(spec.names):
-        raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
-    if d["count"] != len(index) or d["images_hash"] != index.list_hash():
-        if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
-            raise UserError(
-                f"{where}: the dump skipped {sorted(d['skipped']) or 'no images'} but {spec.yaml_path} now skips "
-                f"{sorted(index.skipped_names()) or 'no images'} (Ultralytics' image and label checks)"
-            )
-        raise UserError(
-            f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
-            f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
-        )
-    if int(attrs["augment"]["imgsz"]) != imgsz:
-        raise UserError(f"{where}: the cache was dumped at imgsz {attrs['augment']['imgsz']} but training asks for imgsz {imgsz}")
-
-
 def make_trainer(**settings: Any) -> type[DistillTrainer]:
     """A DistillTrainer subclass carrying the settings (it survives DDP's pickling of the trainer class)."""
     return type("SoftlabelTrainer", (DistillTrainer,), dict(settings))
-
-
-@dataclass
-class StudentResult:
-    student: str
-    params: int
-    gflops: float
-    map50: float
-    map50_95: float
-    epochs: int
-    seconds: float
-    save_dir: str
-
-
-def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
-    """Train each student in turn against the same teacher source; Ultralytics' arguments pass through."""
-    import time
-
-    from ultralytics.utils.torch_utils import get_flops, get_num_params
-
-    models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
-    trainer = make_trainer(**trainer_settings)
-    results = []
-    for student, model in zip(students, models):
-        args = dict(train_args)
-        if len(students) > 1 and args.get("name"):
-            args["name"] = f"{args['name']}-{Path(student).stem}"
-        elif len(students) > 1:
-            args["name"] = Path(student).stem
-        start = time.time()
-        metrics = model.train(trainer=trainer, **args)
-        seconds = time.time() - start
-        inner = model.trainer.best if Path(model.trainer.best).is_file() else model.trainer.last
-        from ultralytics import YOLO
-
-        best = YOLO(str(inner)).model
-        results.append(
-            StudentResult(
-                student=student,
-                params=int(get_num_params(best)),
-                gflops=float(get_flops(best, int(args.get("imgsz", 640)))),
-                map50=float(metrics.box.map50) if metrics is not None else float("nan"),
-                map50_95=float(metrics.box.map) if metrics is not None else float("nan"),
-                epochs=int(model.trainer.epoch + 1),
-                seconds=seconds,
-                save_dir=str(model.trainer.save_dir),
-            )
-        )
-    return results
-
-
-def render_table(rows: list[StudentResult]) -> str:
-    width = max([16, *(len(r.student) + 2 for r in rows)])
-    head = f"{'student':<{width}}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r.student:<{width}}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
-        )
-    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The teacher's side of a training batch, one typed object from collate to the distiller.
+
+From a sparse store it holds what the store holds, stacked at fixed K: anchor indices, int8 head
+values and feature rows with their scales, background logits. Nothing dense exists until the
+distiller expands it on the student's device. From a dense store or a live teacher it holds whole
+maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TeacherBatch:
+    head: Tensor | None = None  # dense: [B, 4*reg_max + nc, A], DFL bins then class logits, anchors P3..P5 row-major
+    feats: dict[str, Tensor] = field(default_factory=dict)  # dense features: level -> [B, C, H, W]
+    feat_scale: dict[str, Tensor] | None = None  # int8 dense features: level -> [B, C]; feats hold the int8 values
+    index: Tensor | None = None  # sparse head: [B, K] int32 kept anchors, -1 for an unused slot
+    values: Tensor | None = None  # [B, K, 4*reg_max + nc]: int8 with values_scale, or float
+    values_scale: Tensor | None = None  # [B, 4*reg_max + nc]
+    background: Tensor | None = None  # [B, nc]: the class logit of every anchor not kept
+    rows: Tensor | None = None  # sparse features: [B, K, Cmax], the feature vector of index[:, j] at its level
+    rows_scale: Tensor | None = None  # [B, L, Cmax], per level of row_levels
+    row_levels: tuple[str, ...] = ()  # the levels rows hold, in rows_scale's order
+
+    @property
+    def sparse(self) -> bool:
+        return self.index is not None
+
+    def _map(self, fn) -> "TeacherBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = fn(v)
+            elif isinstance(v, dict):
+                v = {k: fn(t) for k, t in v.items()}
+            out[f.name] = v
+        return TeacherBatch(**out)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TeacherBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TeacherBatch":
+        """Called by a DataLoader with pin_memory=True, so that `.to(cuda, non_blocking=True)` overlaps."""
+        return self._map(lambda t: t.pin_memory())
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor it holds, by name (dict fields as name/level)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v
+            elif isinstance(v, dict):
+                out.update({f"{f.name}/{k}": t for k, t in v.items()})
+        return out
+
+    def head_values(self) -> Tensor:
+        """Sparse: the kept anchors' DFL bins and class logits [B, K, C] as float32 (zero in unused slots)."""
+        v = self.values.float()
+        return v if self.values_scale is None else v * self.values_scale.float()[:, None, :]
+
+    def class_logits(self, box_channels: int, anchors: int) -> Tensor:
+        """[B, nc, A] float32: the dense head's logits, or the background broadcast with the kept anchors scattered in."""
+        if not self.sparse:
+            return self.head[:, box_channels:].float()
+        kept = self.head_values()[:, :, box_channels:].transpose(1, 2)  # [B, nc, K]
+        b, nc, k = kept.shape
+        # unused slots (-1) land in one extra column that is cut off afterwards
+        idx = torch.where(self.index >= 0, self.index.long(), torch.full_like(self.index, anchors, dtype=torch.long))
+        out = self.background.float()[:, :, None].expand(b, nc, anchors + 1).clone()
+        out.scatter_(2, idx[:, None, :].expand(b, nc, k), kept)
+        return out[:, :, :anchors]
+
+    def feat(self, level: str) -> Tensor:
+        """One level's dense feature map [B, C, H, W] as float32."""
+        f = self.feats[level].float()
+        scale = (self.feat_scale or {}).get(level)
+        return f if scale is None else f * scale.float()[:, :, None, None]
+
+    def feat_rows(self, level: str, b: Tensor, p: Tensor) -> Tensor:
+        """Dense maps: the feature vectors [N, C] at (image b[n], flattened position p[n]) as float32;
+        an int8 map is dequantised at those positions only."""
+        rows = self.feats[level].flatten(2)[b, :, p].float()
+        scale = (self.feat_scale or {}).get(level)
+        return rows if scale is None else rows * scale[b].float()
+
+    def stored_rows(self, level: str, b: Tensor, slot: Tensor, channels: int) -> Tensor:
+        """Sparse features: the rows [N, channels] of (image b[n], slot slot[n]), all on `level`, as float32."""
+        rows = self.rows[b, slot, :channels].float()
+        if self.rows_scale is None:
+            return rows
+        return rows * self.rows_scale[b, self.row_levels.index(level), :channels].float()

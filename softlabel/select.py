@@ -1,0 +1,142 @@
+"""On the teacher's device: a batch of teacher outputs -> the arrays a store keeps. Pure torch.
+
+The dump calls this right after the forward pass, so only stored bytes are copied to the host.
+The online trainer can call it too, so a live teacher feeds the distiller exactly what a store
+would, minus the copy.
+
+- sparse head: each image's top-K anchors by the teacher's best class logit (the best sigmoid),
+  of those the ones whose score passes a floor; they keep their DFL bins and class logits. Every
+  other anchor is background: one logit per class and image, the logit of the mean probability
+  of the anchors it replaces. Unused slots have index -1 and zero values.
+- sparse features: the neck feature vector at each kept anchor, at that anchor's own level,
+  zero-padded to the widest stored level; an int8 store scales each (level, channel) over the
+  rows of that level.
+- dense head / features: whole maps, per level.
+- precision: float16, bfloat16 (its raw 16 bits, as uint16) or int8, symmetric, with one float32
+  scale per sample and channel (the channel's largest |value| maps to 127).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def logit(p: Tensor) -> Tensor:
+    p = p.clamp(1e-7, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def select_topk(head: Tensor, reg_max: int, topk: int, floor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """head [B, C, A] -> (index [B, K] int32, -1 for unused slots; values [B, K, C] float32;
+    background [B, nc] float32)."""
+    b, c, a = head.shape
+    k = min(topk, a)
+    logits = head[:, 4 * reg_max :, :].float()  # [B, nc, A]
+    score = logits.amax(1)
+    # a stable descending sort keeps the lower anchor first among equal scores
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    if floor > 0:
+        keep = score.gather(1, order) >= logit(torch.tensor(floor, dtype=torch.float32, device=head.device))
+    else:
+        keep = torch.ones_like(order, dtype=torch.bool)
+    values = head.float().gather(2, order[:, None, :].expand(b, c, k)).transpose(1, 2)
+    values = torch.where(keep[:, :, None], values, values.new_zeros(()))
+    dropped = torch.ones((b, a), dtype=torch.bool, device=head.device)
+    dropped.scatter_(1, order, ~keep)  # kept anchors are not background; unkept slots stay dropped
+    n = dropped.sum(1).clamp_min(1)[:, None].float()
+    probs = logits.sigmoid()
+    background = logit((probs * dropped[:, None, :]).sum(2) / n)
+    index = torch.where(keep, order, torch.full_like(order, -1)).to(torch.int32)
+    if k < topk:  # fewer anchors than slots (a small image): the rest stay unused
+        index = torch.cat([index, index.new_full((b, topk - k), -1)], 1)
+        values = torch.cat([values, values.new_zeros((b, topk - k, c))], 1)
+    return index, values, background
+
+
+def gather_rows(feats: list[Tensor | None], sizes: list[int], index: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Feature vectors at the kept anchors.
+
+    feats: per head level, [B, C_l, H, W] or None for a level not stored; sizes: anchors per head
+    level. index [B, K] (-1 unused) -> (rows [B, K, width] float32, zero past C_l and in unused
+    slots; level [B, K] int64, the head level of each slot, -1 unused)."""
+    b, k = index.shape
+    idx = index.long()
+    rows = torch.zeros((b, k, width), dtype=torch.float32, device=index.device)
+    level = torch.full_like(idx, -1)
+    start = 0
+    for lvl, (f, n) in enumerate(zip(feats, sizes)):
+        inside = (idx >= start) & (idx < start + n)
+        level = torch.where(inside, torch.full_like(idx, lvl), level)
+        if f is not None:
+            c = f.shape[1]
+            local = (idx - start).clamp(0, n - 1)
+            got = f.flatten(2).gather(2, local[:, None, :].expand(b, c, k)).transpose(1, 2).float()
+            rows[:, :, :c] = torch.where(inside[:, :, None], got, rows[:, :, :c])
+        start += n
+    return rows, level
+
+
+def quantise(x: Tensor, precision: str, reduce: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    """x float -> (stored values, int8 scale with the reduced dims kept as 1, or None)."""
+    if precision == "float16":
+        return x.to(torch.float16), None
+    if precision == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16), None  # the raw bits; the host reads them as uint16
+    x = x.float()
+    amax = x.abs().amax(dim=reduce, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Tensor]:
+    """One batch of teacher outputs (per head level [B, C, H, W]) -> the stored arrays, keyed as
+    Layout.stored names without the view ('head/index', 'feat/rows', ...), each [B, ...], on the
+    teacher's device."""
+    p = layout.precision
+    out: dict[str, Tensor] = {}
+    levels = list(layout.head)
+    if layout.sparse:
+        flat = torch.cat([h.flatten(2) for h in head], 2)
+        index, values, background = select_topk(flat, layout.reg_max, layout.sparse["topk"], layout.sparse["floor"])
+        out["head/index"], out["head/background"] = index, background.to(torch.float16)
+        out["head/values"], scale = quantise(values, p, reduce=(1,))
+        if scale is not None:
+            out["head/scale"] = scale[:, 0]
+    else:
+        for lvl, h in zip(levels, head):
+            out[f"head/{lvl}"], scale = quantise(h, p, reduce=(2, 3))
+            if scale is not None:
+                out[f"head_scale/{lvl}"] = scale[:, :, 0, 0]
+    if layout.feat and layout.feature_rows:
+        stored = [f if lvl in layout.feat else None for lvl, f in zip(levels, feat)]
+        sizes = [h * w for _, h, w in layout.head.values()]
+        rows, level = gather_rows(stored, sizes, out["head/index"], layout.row_width)
+        if p == "int8":
+            scales, q = [], torch.zeros(rows.shape, dtype=torch.int8, device=rows.device)
+            for lvl in layout.feat:
+                inside = (level == levels.index(lvl))[:, :, None]
+                part, scale = quantise(torch.where(inside, rows, rows.new_zeros(())), p, reduce=(1,))
+                q = torch.where(inside, part, q)
+                scales.append(scale[:, 0])
+            out["feat/rows"], out["feat/scale"] = q, torch.stack(scales, 1)
+        else:
+            out["feat/rows"] = quantise(rows, p, reduce=(1,))[0]
+    else:
+        for lvl, f in zip(levels, feat):
+            if lvl in layout.feat:
+                out[f"feat/{lvl}"], scale = quantise(f, p, reduce=(2, 3))
+                if scale is not None:
+                    out[f"feat_scale/{lvl}"] = scale[:, :, 0, 0]
+    return out
+
+
+def to_host(arrays: dict[str, Tensor]) -> dict:
+    """The stored arrays as numpy on the host: the only copy from the teacher's device."""
+    import numpy as np
+
+    out = {}
+    for name, t in arrays.items():
+        a = t.cpu().numpy()
+        out[name] = a.view(np.uint16) if t.dtype == torch.int16 else a
+    return out

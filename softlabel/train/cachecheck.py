@@ -1,0 +1,54 @@
+"""Checks that what a trainer reads belongs to its run: the cache's data and settings, each batch's epoch."""
+
+from __future__ import annotations
+
+from softlabel.errors import UserError
+
+
+def check_epoch(batch: dict, epoch: int) -> None:
+    """A batch must be replayed for the epoch being trained; anything else is a stale worker."""
+    got = sorted(set(batch["epoch"].tolist()))
+    if got != [epoch]:
+        raise RuntimeError(f"batch replayed for epoch(s) {got} arrived in epoch {epoch}: a DataLoader worker holds a stale epoch")
+
+
+def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> None:
+    """Contract 4: refuse a cache that belongs to other data, classes or image size, saying what differs."""
+    t, d = attrs["teacher"], attrs["data"]
+    if t["nc"] != spec.nc:
+        raise UserError(f"{where}: the cache's teacher has {t['nc']} classes but {spec.yaml_path} has nc={spec.nc}")
+    if list(t["names"]) != list(spec.names):
+        raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
+    if d["count"] != len(index) or d["images_hash"] != index.list_hash():
+        if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
+            raise UserError(
+                f"{where}: the dump skipped {sorted(d['skipped']) or 'no images'} but {spec.yaml_path} now skips "
+                f"{sorted(index.skipped_names()) or 'no images'} (Ultralytics' image and label checks)"
+            )
+        raise UserError(
+            f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
+            f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
+        )
+    if int(attrs["augment"]["imgsz"]) != imgsz:
+        raise UserError(f"{where}: the cache was dumped at imgsz {attrs['augment']['imgsz']} but training asks for imgsz {imgsz}")
+
+
+def check_config_fits_cache(config, attrs: dict, where: str) -> None:
+    """Refuse a distillation config that reads what the store does not hold: whole feature maps from a
+    store of feature rows, or more positions than the rows the store keeps per image."""
+    term = config.terms.get("feat")
+    storage = attrs["storage"]
+    if term is None or not storage.get("features") or storage.get("feature_layout") != "sparse":
+        return
+    k = int(storage["head_sparse"]["topk"])
+    if term.positions is None:
+        raise UserError(
+            f"{config.source}: 'feat' (loss {term.loss}, positions: all) needs whole feature maps, but {where} holds "
+            f"feature vectors at each image's {k} kept anchors only; dump with 'softlabel dump --features dense', "
+            "or use a config with 'positions: P' (P <= K) and a row loss such as mimic"
+        )
+    if term.positions > k:
+        raise UserError(
+            f"{config.source}: 'feat' positions: {term.positions} is more than the {k} anchors per image {where} "
+            f"holds feature vectors for; use positions <= {k}, or dump with --head-topk {term.positions} or more"
+        )

@@ -1,0 +1,70 @@
+"""Train several students in turn against one teacher source, and the table that sums them up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from softlabel.student import resolve_student
+from softlabel.train.trainer import make_trainer
+
+
+@dataclass
+class StudentResult:
+    student: str
+    params: int
+    gflops: float
+    map50: float
+    map50_95: float
+    epochs: int
+    seconds: float
+    save_dir: str
+
+
+def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
+    """Train each student in turn against the same teacher source; Ultralytics' arguments pass through."""
+    import time
+
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
+    trainer = make_trainer(**trainer_settings)
+    results = []
+    for student, model in zip(students, models):
+        args = dict(train_args)
+        if len(students) > 1 and args.get("name"):
+            args["name"] = f"{args['name']}-{Path(student).stem}"
+        elif len(students) > 1:
+            args["name"] = Path(student).stem
+        start = time.time()
+        metrics = model.train(trainer=trainer, **args)
+        seconds = time.time() - start
+        inner = model.trainer.best if Path(model.trainer.best).is_file() else model.trainer.last
+        from ultralytics import YOLO
+
+        best = YOLO(str(inner)).model
+        results.append(
+            StudentResult(
+                student=student,
+                params=int(get_num_params(best)),
+                gflops=float(get_flops(best, int(args.get("imgsz", 640)))),
+                map50=float(metrics.box.map50) if metrics is not None else float("nan"),
+                map50_95=float(metrics.box.map) if metrics is not None else float("nan"),
+                epochs=int(model.trainer.epoch + 1),
+                seconds=seconds,
+                save_dir=str(model.trainer.save_dir),
+            )
+        )
+    return results
+
+
+def render_table(rows: list[StudentResult]) -> str:
+    width = max([16, *(len(r.student) + 2 for r in rows)])
+    head = f"{'student':<{width}}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.student:<{width}}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
+        )
+    return "\n".join(lines)
