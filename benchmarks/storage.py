@@ -68,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="dump batch (default: 16)")
     p.add_argument("--out", default=str(common.RESULTS / "storage.json"), help="result JSON (default: benchmarks/results/storage.json)")
     p.add_argument("--quick", action="store_true", help="smoke test: a toy dataset and a random yolov8n teacher at imgsz 64")
+    p.add_argument("--at-640", action="store_true",
+                   help="measure the dump's default store at the operating point instead (640 px, 80 classes, a yolov8x "
+                        "built from yaml, --images drawn images) and update 'default' in --out; nothing is scaled")
+    p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="with --at-640: the teacher yaml (default: yolov8x.yaml)")
     return p.parse_args()
 
 
@@ -181,8 +185,65 @@ def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_valu
     return head, feat
 
 
+def measure_640(args) -> None:
+    """The default store measured at 640 px, 80 classes: bytes on disk per tensor and per sample-view,
+    bytes the dump copied from the teacher's device, and the loss error against the live teacher."""
+    import json
+
+    from softlabel.cache.info import summarize
+    from softlabel.dump import DumpSettings, run_dump
+
+    work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
+    try:
+        data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
+        teacher_pt = common.make_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt")
+        out = str(work / "default.zarr")
+        t = time.perf_counter()
+        done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
+                                     imgsz=640, batch=args.batch, workers=1, progress=False))
+        dump_rate = done.samples_done / (time.perf_counter() - t)
+        info = summarize(out)
+        per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
+        other = sum(v for k, v in per.items() if not k.split("/")[0].split("_")[0] in ("head", "feat"))
+        fidelity = _fidelity(out, teacher_pt, data_yaml, args.student, min(args.fidelity_samples, args.images))
+        total = totals["head"] + totals["feat"] + other
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    default = {
+        "head_bytes_per_sample_view": totals["head"],
+        "feat_bytes_per_sample_view": totals["feat"],
+        "other_bytes_per_sample_view": other,  # fingerprints, done flags
+        "total_bytes_per_sample_view": total,
+        "loss_rel_error": fidelity["total"]["max"],
+        "loss_rel_error_per_term": fidelity,
+        "host_bytes_per_sample_view": done.host_bytes_per_sample_view,
+        "bytes_per_tensor": per,
+        "dump_sample_views_per_sec": dump_rate,
+        "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights)", "images": args.images,
+                     **common.header("cpu")},
+    }
+    path = Path(args.out)
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload.update(default=default, default_name=DUMP_DEFAULT, coco_train2017_4_views_bytes=COCO_IMAGES * COCO_VIEWS * total,
+                   default_measured_at="640 px, 80 classes, measured, not scaled")
+    common.write_json(path, payload)
+    rows = [[k, v / 1e3] for k, v in per.items()]
+    print(common.table(["tensor", "kB per sample-view"], rows,
+                       title=f"default store at 640 px, 80 classes, {args.teacher_cfg} (random weights), {args.images} images",
+                       footer=[f"head {totals['head'] / 1e3:.1f} kB + features {totals['feat'] / 1e3:.1f} kB + other {other / 1e3:.1f} kB "
+                               f"= {total / 1e6:.4f} MB per sample-view ({common.verdict(total <= 0.1e6)} <= 0.1 MB)",
+                               f"COCO train2017 x {COCO_VIEWS} views: {COCO_IMAGES * COCO_VIEWS * total / 1e9:.1f} GB "
+                               f"({common.verdict(COCO_IMAGES * COCO_VIEWS * total <= 50e9)} <= 50 GB)",
+                               f"copied from the teacher's device: {done.host_bytes_per_sample_view / 1e6:.4f} MB per sample-view",
+                               f"loss error against the live teacher: max {100 * fidelity['total']['max']:.2f}% "
+                               f"(per term: {', '.join(f'{k} {100 * v['max']:.2f}%' for k, v in fidelity.items() if k != 'total')})",
+                               f"dump {dump_rate:.2f} sample-views/s on this machine; written to {path}"]))
+
+
 def main() -> None:
     args = parse_args()
+    if args.at_640:
+        return measure_640(args)
     from softlabel.cache.info import summarize
     from softlabel.dump import DumpSettings, run_dump
     from softlabel.teacher import load_model
