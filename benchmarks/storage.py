@@ -228,6 +228,7 @@ def measure_640(args) -> None:
                    default_measured_at="640 px, 80 classes, measured, not scaled")
     common.write_json(path, payload)
     rows = [[k, v / 1e3] for k, v in per.items()]
+    terms = ", ".join(f"{k} {100 * v['max']:.2f}%" for k, v in fidelity.items() if k != "total")
     print(common.table(["tensor", "kB per sample-view"], rows,
                        title=f"default store at 640 px, 80 classes, {args.teacher_cfg} (random weights), {args.images} images",
                        footer=[f"head {totals['head'] / 1e3:.1f} kB + features {totals['feat'] / 1e3:.1f} kB + other {other / 1e3:.1f} kB "
@@ -236,7 +237,7 @@ def measure_640(args) -> None:
                                f"({common.verdict(COCO_IMAGES * COCO_VIEWS * total <= 50e9)} <= 50 GB)",
                                f"copied from the teacher's device: {done.host_bytes_per_sample_view / 1e6:.4f} MB per sample-view",
                                f"loss error against the live teacher: max {100 * fidelity['total']['max']:.2f}% "
-                               f"(per term: {', '.join(f'{k} {100 * v['max']:.2f}%' for k, v in fidelity.items() if k != 'total')})",
+                               f"(per term: {terms})",
                                f"dump {dump_rate:.2f} sample-views/s on this machine; written to {path}"]))
 
 
