@@ -21,27 +21,22 @@ def check_class_names(teacher: Sequence[str], data: Sequence[str], teacher_path:
             )
 
 
-def _label_folder(folder: Path) -> Path:
-    """Ultralytics' rule for a folder: its last 'images' component becomes 'labels'."""
-    parts = list(folder.parts)
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            return Path(*parts)
-    return folder
-
-
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
 def check_out_outside_data(out: str, index) -> None:
     """A store written among the images or labels would be listed, and later overwritten, as data."""
-    if "://" in str(out) and not str(out).startswith("file://"):
+    from ultralytics.data.utils import img2label_paths
+
+    from softlabel.cache.store import local_path
+
+    path = local_path(out)
+    if path is None:  # an object store holds no dataset folders
         return
-    target = Path(str(out).removeprefix("file://")).expanduser().resolve()
-    folders = {p.parent.resolve() for p in index.images}
-    folders |= {_label_folder(f) for f in folders}
+    target = path.expanduser().resolve()
+    images = [str(p) for p in index.images]
+    folders = {Path(p).parent.resolve() for p in [*images, *img2label_paths(images)]}
     for folder in sorted(folders):
         if _inside(target, folder):
             raise UserError(f"{out}: --out is inside the dataset's folder {folder}; write the cache outside the image and label folders")

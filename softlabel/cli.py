@@ -241,10 +241,10 @@ def _check_train_sources(cache: str | None, teacher: str | None, data: str | Non
     if not data:
         raise UserError("--data is needed with --teacher (a cache records its own data.yaml)")
     spec = load_data_yaml(data)
-    from softlabel.teacher import load_model
+    from softlabel.teacher import describe, read_checkpoint
 
-    _, info = load_model(teacher)
-    check_class_names(info.names, list(spec.names), teacher, spec.yaml_path)
+    model, _ = read_checkpoint(teacher, "teacher")  # the classes only: the trainer loads it again and hashes it
+    check_class_names(describe(model, teacher).names, list(spec.names), teacher, spec.yaml_path)
     return data, imgsz or 640
 
 

@@ -12,7 +12,6 @@ import torch
 from softlabel.augment import AugmentConfig
 from softlabel.cache.presence import check_shard, shard_key
 from softlabel.cache.reader import CacheReader
-from softlabel.cache.schema import fingerprint_path
 from softlabel.data import build_index, load_data_yaml
 from softlabel.errors import UserError
 from softlabel.replay import Replay, View
@@ -71,12 +70,12 @@ def check_presence(reader: CacheReader, report: VerifyReport) -> None:
         unfinished = [int(s) for s in np.flatnonzero(~done[view])]
         if unfinished:
             report.incomplete[view] = unfinished
-        names = [*layout.stored(view), fingerprint_path(view)]
+        arrays = layout.per_sample(view)
         for shard in np.flatnonzero(done[view]):
             start, stop = layout.shard_range(int(shard))
-            for name in names:
-                ndim = len(reader._array(name).shape)
-                why = check_shard(fs, f"{root}/{shard_key(name, int(shard), ndim)}", stop - start, layout.shard_size)
+            for name, spec in arrays.items():
+                key = shard_key(name, int(shard), 1 + len(spec.shape))
+                why = check_shard(fs, f"{root}/{key}", stop - start, layout.shard_size)
                 report.shards_checked += 1
                 if why:
                     tensor = name[len(view) + 1 :]
@@ -113,7 +112,7 @@ def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
     done = reader.done()
     layout = reader.layout
     for view in layout.views:
-        for name in [*layout.stored(view), fingerprint_path(view)]:
+        for name in layout.per_sample(view):
             arr = reader._array(name)
             for shard in np.flatnonzero(done[view]):
                 start, stop = layout.shard_range(int(shard))

@@ -19,7 +19,7 @@ import numpy as np
 from crc32c import crc32c
 from numcodecs import Blosc, Zstd
 
-from softlabel.cache.presence import EMPTY, CorruptChunk, index_nbytes, parse_index
+from softlabel.cache.presence import EMPTY, CorruptChunk, index_nbytes, parse_index, shard_key
 
 def _decoder(codecs: list[dict]):
     """The bytes-to-bytes chain after 'bytes': optional compressor, then crc32c. None if unexpected."""
@@ -61,7 +61,7 @@ class ShardedSampleReader:
         self._index: dict[int, np.ndarray] = {}
 
     def _shard_path(self, shard: int) -> Path:
-        return self.dir.joinpath("c", str(shard), *(["0"] * (self.ndim - 1)))
+        return Path(shard_key(self.dir.as_posix(), shard, self.ndim))
 
     def _shard_index(self, shard: int, fd: int, size: int) -> np.ndarray:
         if shard not in self._index:

@@ -112,6 +112,12 @@ class Layout:
                 out[f"{view}/feat_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
         return out
 
+    def per_sample(self, view: str) -> dict[str, ArraySpec]:
+        """Every array of a view with one entry per sample: the stored tensors and the fingerprint."""
+        from softlabel.replay import FINGERPRINT_BYTES
+
+        return {**self.stored(view), fingerprint_path(view): ArraySpec((FINGERPRINT_BYTES,), "uint8", "raw")}
+
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
         t, a, s = attrs["teacher"], attrs["augment"], attrs["storage"]

@@ -17,14 +17,11 @@ from softlabel.cache.codecs import compressors
 from softlabel.cache.schema import (
     FORMAT,
     SCHEMA_VERSION,
-    ArraySpec,
     Layout,
     check_format,
     done_path,
-    fingerprint_path,
 )
 from softlabel.errors import UserError
-from softlabel.replay import FINGERPRINT_BYTES
 
 
 def is_url(location: str) -> bool:
@@ -176,9 +173,7 @@ def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> N
     if "samples/path" not in group:
         group.create_array("samples/path", shape=(n,), chunks=(min(n, 65536),), dtype=str)
     for view in layout.views:
-        arrays = dict(layout.stored(view))
-        arrays[fingerprint_path(view)] = ArraySpec((FINGERPRINT_BYTES,), "uint8", "raw")
-        for name, spec in arrays.items():
+        for name, spec in layout.per_sample(view).items():
             if name not in group:
                 group.create_array(
                     name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from softlabel.checks import check_class_names
 from softlabel.errors import UserError
 
 
@@ -15,10 +16,7 @@ def check_epoch(batch: dict, epoch: int) -> None:
 def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> None:
     """Contract 4: refuse a cache that belongs to other data, classes or image size, saying what differs."""
     t, d = attrs["teacher"], attrs["data"]
-    if t["nc"] != spec.nc:
-        raise UserError(f"{where}: the cache's teacher has {t['nc']} classes but {spec.yaml_path} has nc={spec.nc}")
-    if list(t["names"]) != list(spec.names):
-        raise UserError(f"{where}: class names differ: cache {t['names']} vs {spec.yaml_path} {list(spec.names)}")
+    check_class_names(t["names"], list(spec.names), where, spec.yaml_path)
     if d["count"] != len(index) or d["images_hash"] != index.list_hash():
         if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
             raise UserError(
