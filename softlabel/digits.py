@@ -34,11 +34,17 @@ class DigitsSettings:
     min_digit: int = 16  # digit height range in pixels
     max_digit: int = 64
     max_digits: int = 6  # per scene
+    # 0: uniform 1..max_digits. Above 0: a long-tailed count with this mean, capped at max_digits, as in
+    # COCO (about 7 objects per image, a few with 50 or more); a full scene places fewer
+    mean_digits: float = 0.0
     val_fraction: float = 0.25  # share of the 1,797 digit images kept for val scenes
     seed: int = 0
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, **asdict(self)}
+        d = asdict(self)
+        if not d["mean_digits"]:  # folders drawn before the setting existed stay valid
+            del d["mean_digits"]
+        return {"format": FORMAT, **d}
 
 
 def load_glyphs() -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +174,15 @@ def _clutter(rng, img, glyphs, taken, settings: DigitsSettings) -> None:
         _paste(img, patch, _ink(rng, img[y : y + patch.shape[0], x : x + patch.shape[1]]), x, y)
 
 
+def digit_count(rng: np.random.Generator, settings: DigitsSettings) -> int:
+    """Digits to try to place in a non-empty scene."""
+    if settings.mean_digits <= 0:
+        return int(rng.integers(1, settings.max_digits + 1))
+    # 1 + a negative binomial of shape 0.8: mean as asked, mode 1, a tail of crowded scenes
+    extra = settings.mean_digits - 1
+    return int(min(settings.max_digits, 1 + rng.negative_binomial(0.8, 0.8 / (0.8 + extra))))
+
+
 def draw_scene(rng: np.random.Generator, glyphs: np.ndarray, classes: np.ndarray, settings: DigitsSettings) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """One BGR uint8 scene and its labels (class, cx, cy, w, h normalised)."""
     c = settings.canvas
@@ -175,7 +190,7 @@ def draw_scene(rng: np.random.Generator, glyphs: np.ndarray, classes: np.ndarray
     img = _background(rng, H, W)
     taken: list[tuple[int, int, int, int]] = []
     labels = []
-    n_digits = 0 if rng.random() < 0.05 else int(rng.integers(1, settings.max_digits + 1))
+    n_digits = 0 if rng.random() < 0.05 else digit_count(rng, settings)
     for _ in range(n_digits):
         j = int(rng.integers(len(glyphs)))
         height = int(np.exp(rng.uniform(np.log(settings.min_digit), np.log(settings.max_digit))))  # as many small as large
@@ -216,6 +231,8 @@ def build_digits(root: str | Path, settings: DigitsSettings = DigitsSettings()) 
     """Write the scenes and data.yaml under root (replacing what is there); returns the data.yaml path."""
     if settings.min_digit < 8 or settings.max_digit < settings.min_digit or settings.max_digit >= settings.canvas * 0.8:
         raise UserError(f"digit sizes {settings.min_digit}..{settings.max_digit} px do not fit scenes of about {settings.canvas} px")
+    if settings.mean_digits and not 1 <= settings.mean_digits <= settings.max_digits:
+        raise UserError(f"mean_digits {settings.mean_digits} must lie between 1 and max_digits ({settings.max_digits})")
     if settings.n_train < 1 or settings.n_val < 1:
         raise UserError("the digits dataset needs at least one train and one val scene")
     root = Path(root)

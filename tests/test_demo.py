@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from softlabel.cli import main
 from softlabel.demo import QUICK_NOTICE
-from softlabel.digits import DigitsSettings, build_digits, ensure_digits, load_glyphs, split_glyphs
+from softlabel.digits import DigitsSettings, build_digits, digit_count, ensure_digits, load_glyphs, split_glyphs
+from softlabel.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,6 +41,20 @@ def test_digit_scenes_are_deterministic_labelled_and_split_by_digit_image(tmp_pa
     assert reused
     _, reused = ensure_digits(tmp_path / "a", DigitsSettings(n_train=13, n_val=4, canvas=96, min_digit=12, max_digit=36, seed=3))
     assert not reused and len(list((tmp_path / "a" / "images" / "train").iterdir())) == 13
+
+
+def test_coco_like_digit_counts_have_the_asked_mean_and_a_long_tail():
+    crowded = DigitsSettings(mean_digits=7, max_digits=80)
+    rng = np.random.default_rng(0)
+    counts = np.array([digit_count(rng, crowded) for _ in range(20_000)])
+    assert abs(counts.mean() - 7) < 0.25 and np.median(counts) < 7  # skewed: most scenes hold few objects
+    assert counts.min() == 1 and counts.max() <= 80 and (counts >= 30).mean() > 0.005
+    uniform = np.array([digit_count(rng, DigitsSettings()) for _ in range(2_000)])
+    assert uniform.min() == 1 and uniform.max() == 6
+    # folders drawn before the setting existed keep their manifest, so they are reused rather than rebuilt
+    assert "mean_digits" not in DigitsSettings().to_dict() and crowded.to_dict()["mean_digits"] == 7
+    with pytest.raises(UserError, match="mean_digits"):
+        build_digits("/nonexistent/never-written", DigitsSettings(mean_digits=9, max_digits=6))
 
 
 def test_bad_demo_input_is_one_line_and_exit_2(tmp_path):
