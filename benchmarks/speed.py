@@ -25,7 +25,7 @@ import common
 import torch
 
 MODES = ["plain", "offline", "online", "ultralytics"]
-TARGETS = {"offline_over_plain": ("<=", 1.10), "ultralytics_over_offline": (">=", 3.0)}
+TARGETS = {"offline_over_plain": ("<=", 1.05), "ultralytics_over_offline": (">=", 3.0)}
 
 
 def parse_args() -> argparse.Namespace:
