@@ -73,13 +73,25 @@ PRESETS = {
                 views=6, close_mosaic=2, seeds=[0, 1, 2], lr0=0.002),
     "quick": dict(device="cpu", imgsz=64, train_scenes=24, val_scenes=8, batch=8, epochs=2, teacher_epochs=2,
                   views=1, close_mosaic=1, seeds=[0, 1], lr0=0.002),
-    # CONVERGED_SIZE
+    # converged and finetune: one full run (4 modes x 3 seeds, teacher training and dump included) is sized for
+    # 90 minutes on 2 CPU cores. Basis, a timed run at this size (imgsz 64, 200 train / 50 val scenes, batch 16,
+    # nbs 64, 4 epochs, seed 0) on a 2-core machine shared with another training (load about 3.8): seconds per
+    # epoch, validation included, plain 2.1, offline 2.0, online 2.8, ultralytics 2.5 (9.5 for the four);
+    # yolov8s teacher 6.4; the dump of 8 + 1 views 23 s; about 8 s per run outside its epochs.
+    #   converged: teacher 100 x 6.4 = 640 s, dump 23 s, students 3 seeds x 120 epochs x 9.5 s = 3,420 s,
+    #              12 x 8 s = 96 s: about 70 minutes. --storage-ablation adds 3 x 120 x 2.0 s + a dump, about
+    #              13 minutes (83 in all). --views-study 2,4,8 runs apart: --modes offline --views-study 2,4,8
+    #              with the same --work (teacher and caches reused): 3 x 3 x 120 x 2.0 s, about 36 minutes.
+    #   finetune:  pretraining 100 x 2.1 = 210 s, teacher 640 s, dump 23 s, students 3 x 100 x 9.5 = 2,850 s,
+    #              96 s: about 64 minutes.
+    # Smaller scenes (64 px, digits 8-25 px) buy the epochs: from scratch, 120 epochs of 200 scenes are about
+    # 390 optimizer steps of 64 images. Whether plain has flattened is measured, not assumed: the JSON says.
+    # Ultralytics' defaults where the older presets chose otherwise: nbs 64, close_mosaic 10.
     "converged": dict(regime="scratch", device="cpu", imgsz=64, train_scenes=200, val_scenes=50, batch=16, nbs=64,
-                      epochs=60, teacher_epochs=60, views=8, close_mosaic=6, seeds=[0, 1, 2], lr0=0.002, reuse_students=[]),
-    # FINETUNE_SIZE
+                      epochs=120, teacher_epochs=100, views=8, close_mosaic=10, seeds=[0, 1, 2], lr0=0.002, reuse_students=[]),
     "finetune": dict(regime="finetune", device="cpu", imgsz=64, train_scenes=200, val_scenes=50, batch=16, nbs=64,
-                     epochs=30, teacher_epochs=60, pretrain_epochs=60, views=8, close_mosaic=3, seeds=[0, 1, 2], lr0=0.002,
-                     reuse_students=[]),
+                     epochs=100, teacher_epochs=100, pretrain_epochs=100, views=8, close_mosaic=10, seeds=[0, 1, 2],
+                     lr0=0.002, reuse_students=[]),
     # smoke tests of the two regimes' plumbing: numbers mean nothing
     "converged-quick": dict(regime="scratch", device="cpu", imgsz=64, train_scenes=16, val_scenes=8, batch=8, nbs=64,
                             epochs=3, teacher_epochs=2, views=2, close_mosaic=1, seeds=[0, 1], lr0=0.002, reuse_students=[]),
@@ -126,7 +138,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--features", choices=["sparse", "dense"], default=None, help="feature layout, as softlabel dump --features")
     p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/accuracy.json, accuracy-converged.json "
-                   "or accuracy-finetune.json by preset; WORK/result.json for the -quick variants); the plot goes beside it")
+                   "or accuracy-finetune.json by preset, -views added with --views-study; WORK/result.json for the -quick variants); "
+                   "the plot goes beside it")
     args = p.parse_args()
     if args.quick:
         args.preset = f"{args.preset}-quick" if f"{args.preset}-quick" in PRESETS else "quick"
@@ -134,22 +147,24 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.reuse_seeds = args.reuse_seeds or args.seeds[:1]
-    args.work = Path(args.work or f"runs/accuracy-{args.preset}")
-    if args.out is None:
-        if args.preset.endswith("-quick"):
-            args.out = str(args.work / "result.json")
-        else:
-            args.out = str(common.RESULTS / (f"accuracy-{args.preset}.json" if args.preset in ("converged", "finetune") else "accuracy.json"))
-    if args.fliplr is None:
-        args.fliplr = 0.5 if args.data else 0.0
-    if args.imgsz % 32:
-        p.error("--imgsz must be a multiple of 32")
     try:
         args.views_study = sorted({int(k) for k in args.views_study.split(",")}) if args.views_study else []
     except ValueError:
         p.error(f"--views-study {args.views_study}: give view counts such as 2,4,8")
     if any(k < 1 for k in args.views_study):
         p.error("--views-study: every view count must be at least 1")
+    args.work = Path(args.work or f"runs/accuracy-{args.preset}")
+    if args.out is None:
+        if args.preset.endswith("-quick"):
+            args.out = str(args.work / "result.json")
+        else:
+            # a views study runs apart from the four-mode comparison (see the sizes above), so it keeps its own file
+            name = f"accuracy-{args.preset}{'-views' if args.views_study else ''}.json" if args.preset in ("converged", "finetune") else "accuracy.json"
+            args.out = str(common.RESULTS / name)
+    if args.fliplr is None:
+        args.fliplr = 0.5 if args.data else 0.0
+    if args.imgsz % 32:
+        p.error("--imgsz must be a multiple of 32")
     if args.regime == "finetune":
         if args.pretrained and not Path(args.pretrained).is_file():
             p.error(f"--pretrained {args.pretrained}: checkpoint not found")
