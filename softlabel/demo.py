@@ -43,12 +43,15 @@ class Recipe:
     lr0: float = 0.002
     warmup_epochs: float = 1.0
     fliplr: float = 0.0  # handwriting is not mirror-symmetric: a flipped 2 is no digit at all
+    # nominal batch size: Ultralytics accumulates gradients over nbs images per optimizer step (its default
+    # is 64). None means the batch itself, one step per batch: short runs on small data otherwise take
+    # too few steps to learn anything
+    nbs: int | None = None
 
     def train_args(self, epochs: int, seed: int, project: Path, name: str) -> dict[str, Any]:
-        """Ultralytics' train() arguments. nbs = batch: one optimizer step per batch, not per 64 images,
-        because short runs on small data otherwise take too few steps to learn anything."""
+        """Ultralytics' train() arguments."""
         return dict(
-            epochs=epochs, imgsz=self.imgsz, batch=self.batch, nbs=self.batch, device=self.device,
+            epochs=epochs, imgsz=self.imgsz, batch=self.batch, nbs=self.nbs or self.batch, device=self.device,
             workers=0 if self.device == "cpu" else 4, seed=seed, deterministic=True,
             close_mosaic=min(self.close_mosaic, epochs - 1), optimizer=self.optimizer, lr0=self.lr0,
             warmup_epochs=self.warmup_epochs, fliplr=self.fliplr, plots=False,
@@ -64,6 +67,11 @@ class Recipe:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(AugmentConfig(fliplr=self.fliplr, close_mosaic=self.close_mosaic).to_dict(), sort_keys=False))
         return path
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two trainings with this recipe the same, for reuse manifests (the device does not;
+        an unset nbs is left out, so manifests written before the field existed still match)."""
+        return {k: v for k, v in asdict(self).items() if k != "device" and not (k == "nbs" and v is None)}
 
 
 @dataclass(frozen=True)
@@ -98,10 +106,11 @@ class DemoSettings:
 QUICK = dict(quick=True, epochs=3, teacher_epochs=3, imgsz=64, train_scenes=32, val_scenes=12, batch=8, close_mosaic=1, views=1, latency_runs=10)
 
 
-def digits_for(imgsz: int, train_scenes: int, val_scenes: int, seed: int) -> DigitsSettings:
-    """Scenes about the size of the model input, with digits from a tenth to two fifths of it (16-64 px at 160)."""
+def digits_for(imgsz: int, train_scenes: int, val_scenes: int, seed: int, classes: tuple[int, ...] = ()) -> DigitsSettings:
+    """Scenes about the size of the model input, with digits from a tenth to two fifths of it (16-64 px at 160);
+    `classes` keeps only those digits (all ten when empty)."""
     return DigitsSettings(n_train=train_scenes, n_val=val_scenes, canvas=imgsz, min_digit=max(8, imgsz // 10),
-                          max_digit=imgsz * 2 // 5, seed=seed)
+                          max_digit=imgsz * 2 // 5, seed=seed, classes=tuple(classes))
 
 
 def demo_settings(quick: bool = False, **given: Any) -> DemoSettings:
@@ -158,25 +167,25 @@ def from_scratch(model: str) -> str:
 
 
 def ensure_teacher(run: Path, model: str, epochs: int, recipe: Recipe, seed: int, data_yaml: Path, data_id: dict,
-                   echo: Echo = print) -> tuple[Path, float | None]:
-    """Train a teacher in `run`, or reuse the one a run with the same settings left there.
-    Returns its checkpoint and the seconds spent training (None when reused)."""
+                   echo: Echo = print, role: str = "teacher") -> tuple[Path, float | None]:
+    """Train a model plainly (a teacher, or a student's pretraining: `role` names it) in `run`, or reuse the one
+    a run with the same settings left there. Returns its checkpoint and the seconds spent training (None when reused)."""
     from softlabel.train import resolve_student
 
     wanted = {"format": MANIFEST_FORMAT, "model": model, "epochs": epochs, "seed": seed, "data": data_id,
-              "recipe": {k: v for k, v in asdict(recipe).items() if k != "device"}}
+              "recipe": recipe.identity()}
     manifest = run / "teacher.json"
     if manifest_matches(manifest, wanted) and weights_of(run).is_file():
-        echo(f"teacher: reused {weights_of(run)} ({model}, {epochs} epochs)")
+        echo(f"{role}: reused {weights_of(run)} ({model}, {epochs} epochs)")
         return weights_of(run), None
     shutil.rmtree(run, ignore_errors=True)
-    echo(f"teacher: training {model} for {epochs} epochs at imgsz {recipe.imgsz} ...")
+    echo(f"{role}: training {model} for {epochs} epochs at imgsz {recipe.imgsz} ...")
     yolo = resolve_student(from_scratch(model))
     start = time.time()
     yolo.train(data=str(data_yaml), **recipe.train_args(epochs, seed, run.parent, run.name))
     seconds = time.time() - start
     write_manifest(manifest, wanted)  # last: an interrupted training leaves no manifest and is redone
-    echo(f"teacher: trained in {seconds:.0f} s -> {weights_of(run)}")
+    echo(f"{role}: trained in {seconds:.0f} s -> {weights_of(run)}")
     return weights_of(run), seconds
 
 

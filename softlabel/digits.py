@@ -39,12 +39,22 @@ class DigitsSettings:
     mean_digits: float = 0.0
     val_fraction: float = 0.25  # share of the 1,797 digit images kept for val scenes
     seed: int = 0
+    # the digit classes drawn, empty for all ten; label i is classes[i]. Two disjoint sets make two tasks
+    # that share no digit image (a source task to pretrain on, a target task), whatever the split seed
+    classes: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["mean_digits"]:  # folders drawn before the setting existed stay valid
-            del d["mean_digits"]
+        for key in ("mean_digits", "classes"):  # folders drawn before a setting existed stay valid
+            if not d[key]:
+                del d[key]
+        if "classes" in d:
+            d["classes"] = list(d["classes"])
         return {"format": FORMAT, **d}
+
+    @property
+    def names(self) -> list[str]:
+        return [str(c) for c in self.classes] if self.classes else list(NAMES)
 
 
 def load_glyphs() -> tuple[np.ndarray, np.ndarray]:
@@ -235,15 +245,22 @@ def build_digits(root: str | Path, settings: DigitsSettings = DigitsSettings()) 
         raise UserError(f"mean_digits {settings.mean_digits} must lie between 1 and max_digits ({settings.max_digits})")
     if settings.n_train < 1 or settings.n_val < 1:
         raise UserError("the digits dataset needs at least one train and one val scene")
+    if settings.classes and (len(set(settings.classes)) != len(settings.classes) or not set(settings.classes) <= set(range(10))):
+        raise UserError(f"digit classes {list(settings.classes)} must be distinct digits 0-9")
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)
     glyphs, classes = load_glyphs()
+    # the split is made over all digit images first, so a class subset keeps each image on its side
     train_idx, val_idx = split_glyphs(len(glyphs), settings.val_fraction, settings.seed)
+    if settings.classes:
+        label = {c: i for i, c in enumerate(settings.classes)}
+        train_idx, val_idx = (idx[np.isin(classes[idx], settings.classes)] for idx in (train_idx, val_idx))
+        classes = np.array([label.get(int(c), -1) for c in classes], np.int64)
     _write_split(root, "train", settings.n_train, glyphs[train_idx], classes[train_idx], settings, stream=2)
     _write_split(root, "val", settings.n_val, glyphs[val_idx], classes[val_idx], settings, stream=3)
     # no 'path' key: Ultralytics and softlabel then both read the splits beside data.yaml, wherever the folder moves
-    data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(NAMES))}
+    data = {"train": "images/train", "val": "images/val", "names": dict(enumerate(settings.names))}
     yaml_path = root / "data.yaml"
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
     # the manifest goes last: a folder without it was interrupted and is rebuilt

@@ -57,6 +57,29 @@ def test_coco_like_digit_counts_have_the_asked_mean_and_a_long_tail():
         build_digits("/nonexistent/never-written", DigitsSettings(mean_digits=9, max_digits=6))
 
 
+def test_digit_scenes_of_a_class_subset_hold_only_those_digits_relabelled(tmp_path):
+    import yaml
+
+    settings = DigitsSettings(n_train=30, n_val=6, canvas=96, min_digit=12, max_digit=36, classes=(5, 6, 7, 8, 9))
+    root = build_digits(tmp_path / "t", settings).parent
+    assert yaml.safe_load((root / "data.yaml").read_text())["names"] == {0: "5", 1: "6", 2: "7", 3: "8", 4: "9"}
+    found = set(np.concatenate(_labels(root))[:, 0].astype(int))
+    assert found <= set(range(5)) and len(found) >= 3
+    assert "classes" not in DigitsSettings().to_dict() and settings.to_dict()["classes"] == [5, 6, 7, 8, 9]
+    with pytest.raises(UserError, match="classes"):
+        build_digits(tmp_path / "bad", DigitsSettings(classes=(1, 1)))
+    with pytest.raises(UserError, match="classes"):
+        build_digits(tmp_path / "bad", DigitsSettings(classes=(3, 10)))
+
+
+def test_recipe_nbs_defaults_to_the_batch_and_stays_out_of_old_manifests(tmp_path):
+    from softlabel.demo import Recipe
+
+    old, ultra = Recipe(imgsz=64, batch=8), Recipe(imgsz=64, batch=8, nbs=64)
+    assert old.train_args(3, 0, tmp_path, "x")["nbs"] == 8 and ultra.train_args(3, 0, tmp_path, "x")["nbs"] == 64
+    assert "nbs" not in old.identity() and ultra.identity()["nbs"] == 64 and "device" not in ultra.identity()
+
+
 def test_bad_demo_input_is_one_line_and_exit_2(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--quick", "--imgsz", "100", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "multiple of 32" in r.output
