@@ -86,8 +86,10 @@ def make_loader(dataset, batch: int, workers: int, seed: int, cuda: bool):
 
     from softlabel.train import DistillDataset, EpochSampler
 
+    workers = min(workers, batch)
+    sampler = EpochSampler(len(dataset), seed, groups=dataset.epoch_groups, batch=batch, workers=workers)
     return InfiniteDataLoader(
-        dataset, batch_size=batch, sampler=EpochSampler(len(dataset), seed), num_workers=min(workers, batch),
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers,
         collate_fn=DistillDataset.collate_fn, pin_memory=cuda, drop_last=False,
     )
 
