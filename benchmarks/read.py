@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for loader and student step (default on CPU: what Ultralytics' trainer sets, cores-1 up to 8)")
     p.add_argument("--seed", default=0, type=int, help="augmentation and sampling seed (default: 0)")
     p.add_argument("--out", default=str(common.RESULTS / "read.json"), help="result JSON (default: benchmarks/results/read.json)")
+    p.add_argument("--note", default=None, help="a remark stored with the result (e.g. why this teacher)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, cache) and print its path")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 images at imgsz 64, 1 epoch, 2 steps, yolov8n teacher (~1 minute)")
     args = p.parse_args()
@@ -236,6 +237,9 @@ def main() -> None:
         consumes = student_rate(batch, args, attrs, device)
         print(f"student step: {consumes:.1f} images/s", flush=True)
         threads = torch.get_num_threads()
+        # how many images each side holds decoded: a dataset larger than both is the honest case
+        held = dataset.replay._cache
+        replay_cache_images = int(dataset.replay.cache_bytes / (dataset.replay._cached_bytes / len(held))) if held else None
     finally:
         if args.keep:
             print(f"kept {tmp}")
@@ -245,7 +249,7 @@ def main() -> None:
     t = attrs["teacher"]
     result = {
         **common.header(args.device),
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "images": n,
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "keep", "note")}, "images": n,
                      "cache_teacher": t["arch"], "cache_levels": attrs["storage"]["levels"],
                      "codec": attrs["storage"]["codec"].get("preset"), "torch_threads": threads},
         "samples_per_sec": rates,
@@ -259,6 +263,9 @@ def main() -> None:
         "plain_ms_per_sample": 1000.0 / plain,
         "ratio_over_plain": {w: plain / r for w, r in rates.items()},
         "teacher_bytes_per_sample": teacher_bytes,
+        "images_held_decoded": {"replay_cache": replay_cache_images, "ultralytics_buffer": min(n, args.batch * 8, 1000),
+                                "dataset": n, "replay_mosaic_group": int(attrs["augment"].get("mosaic_group", 0))},
+        "note": args.note,
     }
     out = common.write_json(args.out, result)
 
