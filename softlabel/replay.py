@@ -74,7 +74,8 @@ def fingerprint(image: np.ndarray, labels: np.ndarray) -> bytes:
     return np.asarray(crcs, "<u4").tobytes()
 
 
-class Groups(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Groups:
     """The partner groups of one mosaic view: group k is order[starts[k]:starts[k + 1]]."""
 
     order: np.ndarray  # a permutation of the images
