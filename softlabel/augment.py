@@ -39,6 +39,7 @@ class AugmentConfig:
     mixup: float = 0.0
     albumentations: bool = True
     close_mosaic: int = 10
+    mosaic_group: int = 64  # mosaic and mixup partners come from the image's group of this many (softlabel.replay)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,6 +66,8 @@ class AugmentConfig:
                 raise UserError(f"{source}: '{key}' is a probability in [0, 1], got {getattr(cfg, key)}")
         if cfg.close_mosaic < 0:
             raise UserError(f"{source}: 'close_mosaic' must be >= 0")
+        if cfg.mosaic_group < 1:
+            raise UserError(f"{source}: 'mosaic_group' must be >= 1, got {cfg.mosaic_group}")
         return cfg
 
 

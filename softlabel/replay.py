@@ -3,17 +3,24 @@
 Every random draw comes from one generator built from (seed, view kind, view number, index) and
 passed down explicitly. Nothing here reads or advances Python's `random`, NumPy's global state
 or torch's RNG, so a sample does not depend on the process, the worker, the order or the history.
+
+Mosaic partners come from the image's group: for each mosaic view a permutation of the images,
+drawn from (seed, view) alone, is cut into consecutive blocks of `mosaic_group` images, and an
+image's 3 mosaic partners (and its mixup partner, with that one's own partners) are drawn among
+the members of its block. A loader that visits a view group by group (softlabel.train.sampler)
+then reads each image from disk about once per epoch, as Ultralytics' buffer of recent loads does,
+however large the dataset.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import crc32c
 import cv2
 import numpy as np
 
@@ -54,12 +61,50 @@ class Sample:
 
 
 def fingerprint(image: np.ndarray, labels: np.ndarray) -> bytes:
-    """A 128-bit hash of the exact teacher input: shape, pixel bytes and labels."""
-    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
-    h.update(np.asarray(image.shape, np.int64).tobytes())
-    h.update(np.ascontiguousarray(image).tobytes())
-    h.update(np.ascontiguousarray(labels, np.float32).tobytes())
-    return h.digest()
+    """128 bits that tie a cached tensor to its exact teacher input: shape, pixel bytes and labels.
+
+    Four CRC-32C, one per quarter of the pixel bytes, each started from the CRC of the shape and the
+    labels: any change of shape or labels changes all four, any change of up to 32 consecutive bits
+    of pixels (a changed pixel) changes its quarter's. It guards against replaying the wrong input,
+    not against forgery, and costs a twentieth of a cryptographic hash of a 640 px image."""
+    head = np.asarray(image.shape, np.int64).tobytes() + np.ascontiguousarray(labels, np.float32).tobytes()
+    pixels = memoryview(np.ascontiguousarray(image)).cast("B")
+    quarter = -(-len(pixels) // 4)
+    crcs = [crc32c.crc32c(pixels[k * quarter : (k + 1) * quarter], crc32c.crc32c(head + bytes([k]))) for k in range(4)]
+    return np.asarray(crcs, "<u4").tobytes()
+
+
+@dataclass(frozen=True, eq=False)
+class Groups:
+    """The partner groups of one mosaic view: group k is order[starts[k]:starts[k + 1]]."""
+
+    order: np.ndarray  # a permutation of the images
+    starts: np.ndarray  # [groups + 1] block boundaries in order
+    of: np.ndarray  # [n] each image's group
+
+    def members(self, k: int) -> np.ndarray:
+        return self.order[self.starts[k] : self.starts[k + 1]]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def all(self) -> list[np.ndarray]:
+        return [self.members(k) for k in range(len(self))]
+
+
+def mosaic_groups(n: int, size: int, seed: int, view: "View") -> Groups:
+    """Cut a permutation of n images, drawn from (seed, view) alone, into blocks of `size`; a short
+    last block joins the one before it, and fewer than 2 * size images make one group."""
+    if view.kind != "v":
+        raise ValueError(f"view {view.key} has no mosaic and no partner groups")
+    # kind 2: a stream no sample's generator (kinds 0 and 1) can share
+    order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 2, view.number, n]))).permutation(n)
+    count = max(1, n // size)
+    starts = np.minimum(np.arange(count + 1) * size, n)
+    starts[-1] = n
+    of = np.empty(n, np.int64)
+    of[order] = np.minimum(np.arange(n) // size, count - 1)
+    return Groups(order, starts, of)
 
 
 def generator_for(seed: int, view: View, index: int) -> np.random.Generator:
@@ -176,12 +221,24 @@ class Replay:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
+        self._groups: dict[View, Groups] = {}
 
     def __getstate__(self):
         # a worker starts with an empty cache of its own rather than a pickled copy of ours
         state = self.__dict__.copy()
-        state["_cache"], state["_cached_bytes"], state["_albu"] = OrderedDict(), 0, None
+        state["_cache"], state["_cached_bytes"], state["_albu"], state["_groups"] = OrderedDict(), 0, None, {}
         return state
+
+    def groups(self, view: View) -> Groups:
+        """The partner groups of a mosaic view (computed once per process and view)."""
+        if view not in self._groups:
+            self._groups[view] = mosaic_groups(len(self.index), self.augment.mosaic_group, self.seed, view)
+        return self._groups[view]
+
+    def group_of(self, i: int, view: View) -> np.ndarray:
+        """The images image i of mosaic view `view` draws its partners from (i among them)."""
+        groups = self.groups(view)
+        return groups.members(int(groups.of[i]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -190,18 +247,18 @@ class Replay:
         if not 0 <= i < len(self.index):
             raise IndexError(f"sample {i} out of range for {len(self.index)} images")
         rng = generator_for(self.seed, view, i)
-        closing = view.kind == "c"
-        image, cls, boxes = self._geometric(i, rng, allow_mosaic=not closing)
-        if not closing:
-            gate, partner, child, ratio = rng.uniform(0, 1), int(rng.integers(len(self.index))), _child(rng), rng.beta(32.0, 32.0)
+        members = None if view.kind == "c" else self.group_of(i, view)
+        image, cls, boxes = self._geometric(i, rng, members)
+        if members is not None:
+            gate, pick, child, ratio = rng.uniform(0, 1), int(rng.integers(len(members))), _child(rng), rng.beta(32.0, 32.0)
             if not gate > self.augment.mixup:
-                image2, cls2, boxes2 = self._geometric(partner, child, allow_mosaic=True)
+                image2, cls2, boxes2 = self._geometric(int(members[pick]), child, members)
                 image = (image * ratio + image2 * (1 - ratio)).astype(np.uint8)
                 cls, boxes = np.concatenate([cls, cls2]), np.concatenate([boxes, boxes2])
         image = self._pixel(image, rng)
         image, boxes = self._flips(image, boxes, rng)
         labels = self._normalised(cls, boxes)
-        image = np.ascontiguousarray(image)
+        image = np.ascontiguousarray(image)  # a no-op unless no step above wrote a new array
         return Sample(image=image, labels=labels, fingerprint=fingerprint(image, labels))
 
     # geometry -------------------------------------------------------------------------------
@@ -226,16 +283,16 @@ class Replay:
         h, w = image.shape[:2]
         return image, labels[:, 0].copy(), _boxes_xyxy(labels, w, h)
 
-    def _geometric(self, i: int, rng: np.random.Generator, allow_mosaic: bool):
-        """Mosaic (or the single resized image) then the random affine warp to imgsz, as Ultralytics'
-        Mosaic and RandomPerspective do. Every draw is taken whether used or not, so the stream of
-        draws has one shape for every sample."""
+    def _geometric(self, i: int, rng: np.random.Generator, members: np.ndarray | None):
+        """Mosaic with 3 partners from `members` (None: no mosaic) or the single resized image, then the
+        random affine warp to imgsz, as Ultralytics' Mosaic and RandomPerspective do. Every draw is
+        taken whether used or not, so the stream of draws has one shape for every sample."""
         s = self.imgsz
         gate = rng.uniform(0, 1)
-        partners = rng.integers(len(self.index), size=3)
+        picks = rng.integers(len(self.index) if members is None else len(members), size=3)
         xc, yc = mosaic_centre(s, rng.uniform)
-        if allow_mosaic and not gate > self.augment.mosaic:  # Ultralytics skips a mix when its draw exceeds p
-            image, cls, boxes = self._mosaic([i, *partners.tolist()], xc, yc)
+        if members is not None and not gate > self.augment.mosaic:  # Ultralytics skips a mix when its draw exceeds p
+            image, cls, boxes = self._mosaic([i, *members[picks].tolist()], xc, yc)
         else:
             image, cls, boxes = self._load(i)
         m, scale = affine_matrix(image.shape[1], image.shape[0], s, self.augment, rng.uniform)
@@ -287,12 +344,14 @@ class Replay:
     def _flips(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
         s = self.imgsz
         ud, lr = rng.random(2)
-        if ud < self.augment.flipud:
-            image = image[::-1]
+        ud, lr = ud < self.augment.flipud, lr < self.augment.fliplr
+        if ud:
             boxes = np.stack([boxes[:, 0], s - boxes[:, 3], boxes[:, 2], s - boxes[:, 1]], 1)
-        if lr < self.augment.fliplr:
-            image = image[:, ::-1]
+        if lr:
             boxes = np.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], 1)
+        if ud or lr:
+            # one contiguous copy: OpenCV's flip is many times faster than copying a reversed NumPy view
+            image = cv2.flip(np.ascontiguousarray(image), -1 if ud and lr else 0 if ud else 1)
         return image, boxes
 
     def _normalised(self, cls: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_dump_writes_every_view_and_describes_itself(dumped, dataset, teacher):
     assert t["feature_channels"] == [64, 128, 256] and t["names"] == ["square", "disc", "bar"]
     assert len(t["sha256"]) == 64
     assert info["data"]["count"] == 12 and info["data"]["images_hash"]
-    assert info["augment"]["imgsz"] == 64 and info["augment"]["views"] == 2 and info["augment"]["mosaic"] == 1.0
+    assert info["augment"]["imgsz"] == 64 and info["augment"]["views"] == 2 and info["augment"]["mosaic"] == 1.0 and info["augment"]["mosaic_group"] == 64
     assert info["storage"]["dtype"] == "float16" and info["storage"]["checksum"] == "crc32c"
     assert info["bytes_total"] > 0 and info["bytes_per_sample_view"]["head/p3"] > 0
     human = run_cli("info", dumped)
@@ -278,8 +278,9 @@ def test_newer_schema_is_refused(tmp_path, existing_store):
 
 def test_older_schema_is_refused_naming_a_redump(tmp_path, existing_store):
     group = zarr.open_group(str(existing_store), mode="r+")
-    group.attrs["schema_version"] = 1
-    assert_clean_error(run_cli("info", existing_store), "older softlabel", "schema 1", "re-dump")
+    for old in (1, 2):  # 2: mosaic partners drawn from the whole dataset, blake2b fingerprints
+        group.attrs["schema_version"] = old
+        assert_clean_error(run_cli("info", existing_store), "older softlabel", f"schema {old}", "mosaic partners", "re-dump")
 
 
 def test_reader_fast_path_equals_zarr_for_every_sample(dumped):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, fingerprint
 
 IMGSZ = 64
+GROUP = 5  # 12 images: partner groups of 5 and 7
+CACHE = 2 * IMGSZ * IMGSZ * 3  # room for two or three resized images: the cache evicts all the time
 
 
 @pytest.fixture(scope="module")
 def replay(dataset):
-    return Replay(build_index(load_data_yaml(dataset)), load_augment(), IMGSZ, seed=7)
+    augment = dataclasses.replace(load_augment(), mosaic_group=GROUP, mixup=0.5)
+    return Replay(build_index(load_data_yaml(dataset)), augment, IMGSZ, seed=7, cache_bytes=CACHE)
 
 
 def _items(n):
@@ -49,11 +53,12 @@ def test_same_across_workers_and_order(replay):
 
 def test_same_in_another_process(replay, dataset):
     code = (
-        "import sys\n"
+        "import dataclasses\n"
         "from softlabel.augment import load_augment\n"
         "from softlabel.data import build_index, load_data_yaml\n"
         "from softlabel.replay import Replay, View\n"
-        f"r = Replay(build_index(load_data_yaml({str(dataset)!r})), load_augment(), {IMGSZ}, seed=7)\n"
+        f"a = dataclasses.replace(load_augment(), mosaic_group={GROUP}, mixup=0.5)\n"
+        f"r = Replay(build_index(load_data_yaml({str(dataset)!r})), a, {IMGSZ}, seed=7)\n"
         "print(' '.join(r(i, View(k, 0)).fingerprint.hex() for k in 'vc' for i in range(len(r))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -86,11 +91,13 @@ def test_mosaic_partners_are_replayed(dataset):
     mosaic_objects = sum(len(always(i, View("v", 0)).labels) for i in range(len(index)))
     single_objects = sum(len(never(i, View("v", 0)).labels) for i in range(len(index)))
     assert mosaic_objects > single_objects
-    # the same partners on a fresh pipeline, after other samples were replayed in between
-    fresh = Replay(index, always.augment, IMGSZ, 0)
-    for i in reversed(range(len(index))):
-        fresh(i, View("v", 3))
-        assert fresh(i, View("v", 0)).fingerprint == always(i, View("v", 0)).fingerprint
+    # the same partners on a fresh pipeline, after other samples were replayed in between, whatever
+    # its image cache holds
+    for cache_bytes in (512 << 20, IMGSZ * IMGSZ * 3):
+        fresh = Replay(index, always.augment, IMGSZ, 0, cache_bytes=cache_bytes)
+        for i in reversed(range(len(index))):
+            fresh(i, View("v", 3))
+            assert fresh(i, View("v", 0)).fingerprint == always(i, View("v", 0)).fingerprint
 
 
 def test_closing_views_do_not_mosaic(dataset):
@@ -114,9 +121,13 @@ def test_labels_stay_normalised(replay):
 
 def test_one_changed_pixel_changes_fingerprint(replay):
     s = replay(1, View("v", 0))
-    image = s.image.copy()
-    image[5, 7, 1] ^= 1
-    assert fingerprint(image, s.labels) != s.fingerprint
+    flat = s.image.reshape(-1)
+    for at in (0, 5 * IMGSZ * 3 + 7 * 3 + 1, len(flat) // 2, 3 * len(flat) // 4 - 1, len(flat) - 1):  # every quarter
+        for bit in (1, 128):
+            image = s.image.copy()
+            image.reshape(-1)[at] ^= bit
+            assert fingerprint(image, s.labels) != s.fingerprint, (at, bit)
+    assert fingerprint(s.image.reshape(IMGSZ // 2, IMGSZ * 2, 3), s.labels) != s.fingerprint  # same bytes, other shape
     labels = s.labels.copy()
     if len(labels):
         labels[0, 1] += 1e-6

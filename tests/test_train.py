@@ -34,7 +34,9 @@ def v8s_teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, dataset, v8s_teacher):
     out = tmp_path_factory.mktemp("c8s") / "c.zarr"
-    r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
+    augment = out.parent / "augment.yaml"
+    augment.write_text("mosaic_group: 4\n")  # 12 images: three partner groups, which the trainer visits group by group
+    r = run_cli("dump", "--teacher", v8s_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4, "--augment", augment,
                 "--shard-size", 4, "--views", 2, "--close-views", 1, "--quiet", "--precision", "float16", "--head-topk", 0, "--features", "dense")
     assert r.exit_code == 0, r.output
     return out
@@ -80,11 +82,14 @@ def test_infinite_loader_with_workers_delivers_each_epoch_in_order(cache, datase
 
     reader = CacheReader(str(cache))
     ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(3, 1, 2, 1), reader)
-    sampler = EpochSampler(len(ds), seed=0)
+    sampler = EpochSampler(len(ds), seed=0, groups=ds.epoch_groups, batch=4, workers=2)
     loader = InfiniteDataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=DistillDataset.collate_fn)
     for epoch in range(3):  # workers persist and prefetch into the next epoch; every batch still says its epoch
-        for batch in loader:
+        seen = []
+        for batch in loader:  # the dataset compares every replayed fingerprint with the cached one
             check_epoch(batch, epoch)
+            seen += batch["sample"].tolist()
+        assert sorted(seen) == list(range(len(ds)))
     loader.reset()
 
 

@@ -1,8 +1,8 @@
 """The cache's self-description: root attributes, array layout, and what must match to reuse a store.
 
-Layout (zarr v3), schema 2:
+Layout (zarr v3), schema 3:
     samples/path            [N]                       image paths relative to the dataset root
-    {view}/fingerprint      [N, 16] uint8             blake2b-128 of the replayed image and labels
+    {view}/fingerprint      [N, 16] uint8             softlabel.replay.fingerprint of the replayed image and labels
   sparse head (default, K = head_sparse.topk):
     {view}/head/index       [N, K] int32              kept anchors (P3..P5 row-major) best first, -1 for an unused slot
     {view}/head/values      [N, K, 4*reg_max+nc]      their DFL bins and class logits
@@ -19,6 +19,10 @@ Layout (zarr v3), schema 2:
     {view}/done             [N/S] uint8               1 once every array of that shard is durable
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
 rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
+
+Schema 3 changed what a view holds, not its arrays: mosaic partners come from the image's partner
+group (augment.mosaic_group) and the fingerprint is four CRC-32C; schema 2 stored features at the
+kept anchors.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 from softlabel.errors import UserError
 
 FORMAT = "softlabel-cache"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FEATURE_LAYOUTS = ("sparse", "dense")
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
@@ -178,8 +182,8 @@ def check_format(attrs: dict[str, Any], where: str) -> None:
     if isinstance(version, int) and version < SCHEMA_VERSION:
         raise UserError(
             f"{where}: written by an older softlabel (cache schema {version}; this softlabel reads schema "
-            f"{SCHEMA_VERSION}, which stores features at the kept anchors); re-dump it with 'softlabel dump' "
-            "(--overwrite replaces it)"
+            f"{SCHEMA_VERSION}, which draws mosaic partners from each image's group and fingerprints with CRC-32C); "
+            "re-dump it with 'softlabel dump' (--overwrite replaces it)"
         )
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise UserError(

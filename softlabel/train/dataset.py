@@ -32,6 +32,11 @@ class DistillDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def epoch_groups(self, epoch: int) -> list[np.ndarray] | None:
+        """The partner groups of the view an epoch replays (None for a closing view): EpochSampler's `groups`."""
+        view = self.plan.view(epoch)
+        return self.replay.groups(view).all() if view.kind == "v" else None
+
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         i, epoch = item
         view = self.plan.view(epoch)

@@ -129,13 +129,14 @@ class DistillTrainer(DetectionTrainer):
             return super().get_dataloader(dataset_path, batch_size, rank, mode)
         dataset = self.build_dataset(dataset_path, mode, batch_size)
         world = max(self.world_size, 1)
-        self.epoch_sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world)
-        workers = self.args.workers if self.device.type != "cpu" else 0
+        workers = min(self.args.workers if self.device.type != "cpu" else 0, batch_size)
+        self.epoch_sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world,
+                                          groups=dataset.epoch_groups, batch=batch_size, workers=workers)
         return InfiniteDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=self.epoch_sampler,
-            num_workers=min(workers, batch_size),
+            num_workers=workers,
             collate_fn=DistillDataset.collate_fn,
             pin_memory=self.device.type == "cuda",
             drop_last=False,
