@@ -8,7 +8,9 @@ same trained teacher, and measured for:
   (samples per second through CacheReader.read, decode included);
 - fidelity: the distillation loss (the built-in default distillation config, all terms) computed from the store
   against the same loss from the dense float32 outputs of the live teacher, on the same samples and
-  the same fixed student; relative error |store - live| / |live| per batch, max and mean.
+  the same fixed student; relative error |store - live| / |live| per batch, max and mean; and the
+  error of what the student learns from each term, its gradient on the student's outputs:
+  ||g_store - g_live|| / ||g_live|| per batch (`grad_max`, `grad_mean`).
 
 Sizes are then scaled to a 640 px, 80-class YOLOv8x sample-view (8400 anchors, 144 head channels,
 feature channels 320/640/640) with the bytes per stored value each option achieved here; a sparse
@@ -134,9 +136,10 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
     levels, channels, reg_max, _, _ = student_levels(student)
     distiller = Distiller(load_distill(None), reg_max, levels, channels, teacher.info.levels, teacher.info.feature_channels)
     rel = {k: [] for k in ("total", "kd_cls", "kd_box", "kd_feat")}
+    grad = {k: [] for k in rel}
     n = min(samples, len(ds))
-    with torch.no_grad():
-        for start in range(0, n, 8):
+    for start in range(0, n, 8):
+        with torch.no_grad():
             batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(start, min(start + 8, n))])
             preds = student(batch["img"].float() / 255)
             stored = batch["teacher"]
@@ -144,14 +147,28 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
             live_feats = dict(zip(teacher.info.levels, live.feat))
             # levels a store left out are compared on the live teacher: only what was stored can differ
             stored.feats = {lvl: stored.feats.get(lvl, live_feats[lvl]) for lvl in teacher.info.levels}
-            from_store = distiller(preds, stored, levels)
-            from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
-            for key in from_live:
-                a, b = float(from_store[key]), float(from_live[key])
-                rel[key].append(abs(a - b) / max(abs(b), 1e-12))
-            a, b = sum(float(v) for v in from_store.values()), sum(float(v) for v in from_live.values())
-            rel["total"].append(abs(a - b) / max(abs(b), 1e-12))
-    return {k: {"max": max(v), "mean": float(np.mean(v))} for k, v in rel.items() if v}
+        # the student's outputs as leaves: what it learns from a term is that term's gradient on them
+        preds = {k: [f.detach().requires_grad_() for f in v] if isinstance(v, list) else v.detach().requires_grad_()
+                 for k, v in preds.items()}
+        leaves = [t for v in preds.values() for t in (v if isinstance(v, list) else [v])]
+        from_store = distiller(preds, stored, levels)
+        from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
+        from_store["total"], from_live["total"] = sum(from_store.values()), sum(from_live.values())
+        for key in from_live:
+            a, b = float(from_store[key].detach()), float(from_live[key].detach())
+            rel[key].append(abs(a - b) / max(abs(b), 1e-12))
+            ga, gb = (torch.autograd.grad(x, leaves, retain_graph=True, allow_unused=True) if x.requires_grad else [None] * len(leaves)
+                      for x in (from_store[key], from_live[key]))
+            ga = [x if x is not None else torch.zeros_like(t) for x, t in zip(ga, leaves)]
+            gb = [y if y is not None else torch.zeros_like(t) for y, t in zip(gb, leaves)]
+            diff = sum(float((x - y).pow(2).sum()) for x, y in zip(ga, gb))
+            norm = sum(float(y.pow(2).sum()) for y in gb)
+            grad[key].append((diff / max(norm, 1e-24)) ** 0.5)
+    out = {k: {"max": max(v), "mean": float(np.mean(v))} for k, v in rel.items() if v}
+    for k, v in grad.items():  # |grad from the store - grad from the live teacher| / |grad from the live teacher|
+        if v and k in out:
+            out[k].update(grad_max=max(v), grad_mean=float(np.mean(v)))
+    return out
 
 
 def _read_rate(store: str) -> float:
