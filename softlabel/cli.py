@@ -90,11 +90,15 @@ def main() -> None:
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
-@click.option("--head-topk", default=64, show_default=True, type=int,
-              help="Sparse head: keep DFL bins and class logits only for the K anchors with the highest teacher score per image; "
+@click.option("--head-topk", default=512, show_default=True, type=int,
+              help="Sparse head: keep DFL bins and class logits only for at most K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
-              help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this [default: 0].")
+              help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this "
+                   "[default: 0.005 with a sparse head].")
+@click.option("--feature-rows", default=None, type=int,
+              help="Sparse features: store feature vectors for the F most confident kept anchors only (1 <= F <= K); "
+                   "a config's 'positions' must not exceed F [default: 64, or K if smaller].")
 @click.option("--shard-size", default=16, show_default=True, type=click.IntRange(min=1), help="Samples per shard (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True,
               help="Delete the softlabel cache at --out and start over. Only a softlabel cache is ever deleted: "
@@ -103,7 +107,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--half/--no-half", default=True, show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, shard_size, overwrite, strict, quiet, half):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -115,7 +119,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
     settings = DumpSettings(
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features, feature_layout=feature_layout,
-        overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor,
+        overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half,
     )
     result = run_dump(settings)

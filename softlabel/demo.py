@@ -193,7 +193,7 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
                  seed: int, echo: Echo = print, **storage: Any) -> tuple[float, bool]:
     """Dump the teacher into `store` unless a dump of the same teacher, data and settings is there
     (an interrupted one resumes). `storage` holds DumpSettings' storage options (precision, head_topk,
-    head_floor, feature_layout), default when empty. Returns the seconds spent and whether the store was already complete."""
+    head_floor, feature_layout, feature_rows), default when empty. Returns the seconds spent and whether the store was already complete."""
     from softlabel.cache.schema import SCHEMA_VERSION
     from softlabel.dump import DumpSettings, resolve_head, run_dump
     from softlabel.teacher import file_sha256
@@ -203,7 +203,7 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
     wanted = {"format": MANIFEST_FORMAT, "teacher_sha256": file_sha256(teacher), "data": data_id, "imgsz": recipe.imgsz,
               "views": views, "close_views": close_views, "seed": seed, "augment": augment.read_text(),
               "storage": {"precision": head.precision, "head_topk": head.head_topk, "head_floor": head.head_floor,
-                          "feature_layout": head.feature_layout, "schema": SCHEMA_VERSION}}
+                          "feature_layout": head.feature_layout, "feature_rows": head.feature_rows, "schema": SCHEMA_VERSION}}
     manifest = store.parent / f"{store.stem}.json"
     same = manifest_matches(manifest, wanted) and store.exists()
     write_manifest(manifest, wanted)

@@ -29,8 +29,13 @@ from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
 
 
-DEFAULT_HEAD_TOPK = 64
-DEFAULT_HEAD_FLOOR = 0.0
+# A sparse head keeps up to 512 anchors per image whose teacher score is at least 0.005: at 640 px
+# with a trained teacher every term's loss and gradient stay close to the whole outputs'
+# (benchmarks/topk.py). Feature rows are stored for the 64 most confident of them only, which is
+# what the default feature term reads ('positions: 64'), so a sample-view stays small (README, Storage).
+DEFAULT_HEAD_TOPK = 512
+DEFAULT_HEAD_FLOOR = 0.005
+DEFAULT_FEATURE_ROWS = 64
 
 
 @dataclass
@@ -51,10 +56,13 @@ class DumpSettings:
     feature_layout: str = "sparse"  # "sparse": rows at the sparse head's kept anchors; "dense": whole maps
     overwrite: bool = False
     codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults keep a 640 px, 80-class YOLOv8x sample-view under 0.1 MB, features included (README, Storage).
+    # The defaults (int8, DEFAULT_HEAD_TOPK/FLOOR, DEFAULT_FEATURE_ROWS) keep a 640 px, 80-class YOLOv8x
+    # sample-view small, features included (README, Storage).
     precision: str = "int8"
     head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
+    # sparse features: rows for the first F kept slots; None: DEFAULT_FEATURE_ROWS, or K if that is smaller
+    feature_rows: int | None = None
     shard_size: int = 16
     progress: bool = True
     strict: bool = False  # refuse images Ultralytics would skip, instead of skipping them
@@ -155,7 +163,8 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
         "codec": codec_choice(settings.codec),
         "checksum": "crc32c",
         "quantisation": "int8 symmetric, one float32 scale per sample and channel" if settings.precision == "int8" else None,
-        "head_sparse": {"topk": settings.head_topk, "floor": settings.head_floor} if settings.head_topk else None,
+        "head_sparse": {"topk": settings.head_topk, "floor": settings.head_floor, "feature_rows": settings.feature_rows}
+        if settings.head_topk else None,
         "shard_size": settings.shard_size,
         "features": settings.features,
         "feature_layout": settings.feature_layout if settings.features else None,
@@ -175,7 +184,7 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
             "--batch", settings.batch, "--device", settings.device, "--seed", settings.seed,
             "--precision", settings.precision, "--head-topk", settings.head_topk or 0, "--shard-size", settings.shard_size,
             "--codec", settings.codec]
-    if settings.head_topk and settings.head_floor:
+    if settings.head_topk:  # always given: an absent floor would resume with the default one
         args += ["--head-floor", settings.head_floor]
     if settings.augment:
         augment = Path(settings.augment)
@@ -186,14 +195,25 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
         args.append("--no-features")
     else:
         args += ["--features", settings.feature_layout]
+        if settings.feature_rows:
+            args += ["--feature-rows", settings.feature_rows]
     return [str(a) for a in args]
 
 
+def sparse_features(settings: DumpSettings) -> bool:
+    return settings.features and settings.feature_layout == "sparse"
+
+
 def resolve_head(settings: DumpSettings) -> DumpSettings:
-    """Turn the sparse-head defaults into what gets stored: topk None for a dense head, a floor number."""
+    """Turn the sparse-head defaults into what gets stored: topk None for a dense head, a floor number,
+    the feature rows' count for sparse features (None otherwise)."""
     settings.head_topk = settings.head_topk or None
     if settings.head_floor is None:
         settings.head_floor = DEFAULT_HEAD_FLOOR if settings.head_topk else 0.0
+    if not (settings.head_topk and sparse_features(settings)):
+        settings.feature_rows = None
+    elif settings.feature_rows is None:
+        settings.feature_rows = min(DEFAULT_FEATURE_ROWS, settings.head_topk)
     return settings
 
 
@@ -226,6 +246,11 @@ def prepare(settings: DumpSettings):
             "--head-topk 0 stores a dense head, but sparse features are kept at the sparse head's anchors; "
             "give --features dense (whole feature maps), --no-features, or a --head-topk K > 0"
         )
+    if settings.feature_rows is not None:
+        if not sparse_features(settings):
+            raise UserError("--feature-rows applies to sparse features (--features sparse) only")
+        if not 1 <= settings.feature_rows <= settings.head_topk:
+            raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
     resolve_head(settings)
     codec_choice(settings.codec)
     store.require_writable(settings.out, settings.overwrite)

@@ -8,9 +8,9 @@ would, minus the copy.
   of those the ones whose score passes a floor; they keep their DFL bins and class logits. Every
   other anchor is background: one logit per class and image, the logit of the mean probability
   of the anchors it replaces. Unused slots have index -1 and zero values.
-- sparse features: the neck feature vector at each kept anchor, at that anchor's own level,
-  zero-padded to the widest stored level; an int8 store scales each (level, channel) over the
-  rows of that level.
+- sparse features: the neck feature vector at each of the first F kept slots (the teacher's F
+  most confident kept anchors), at that anchor's own level, zero-padded to the widest stored
+  level; an int8 store scales each (level, channel) over the rows of that level.
 - dense head / features: whole maps, per level.
 - precision: float16, bfloat16 (its raw 16 bits, as uint16) or int8, symmetric, with one float32
   scale per sample and channel (the channel's largest |value| maps to 127).
@@ -111,7 +111,8 @@ def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Te
     if layout.feat and layout.feature_rows:
         stored = [f if lvl in layout.feat else None for lvl, f in zip(levels, feat)]
         sizes = [h * w for _, h, w in layout.head.values()]
-        rows, level = gather_rows(stored, sizes, out["head/index"], layout.row_width)
+        # kept anchors are a prefix of the slots, best first: the first F slots are the most confident ones
+        rows, level = gather_rows(stored, sizes, out["head/index"][:, : layout.row_count], layout.row_width)
         if p == "int8":
             scales, q = [], torch.zeros(rows.shape, dtype=torch.int8, device=rows.device)
             for lvl in layout.feat:

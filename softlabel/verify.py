@@ -232,16 +232,17 @@ def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.n
             pairs.append((f"head/{lvl}", c.astype(np.float32), h, np.abs(h).max(axis=(1, 2), keepdims=True) / 127))
             start += n
     if cached.rows is not None:
-        row_level = reader.anchor_levels()[np.maximum(cached.index, 0)]
-        row_level = np.where(cached.index >= 0, row_level, -1)
+        index = cached.index[: len(cached.rows)]  # rows cover the first F slots
+        row_level = reader.anchor_levels()[np.maximum(index, 0)]
+        row_level = np.where(index >= 0, row_level, -1)
         rows = cached.row_values(row_level)
         start, feat_levels = 0, reader.feature_levels
         for lvl, h in zip(levels, live_head):
             n = h.shape[1] * h.shape[2]
-            inside = (cached.index >= start) & (cached.index < start + n)
+            inside = (index >= start) & (index < start + n)
             if lvl in live_feat and lvl in feat_levels and inside.any():
                 f = live_feat[lvl].reshape(live_feat[lvl].shape[0], -1)  # [C, H*W]
-                live = f[:, cached.index[inside] - start].T  # [k, C]
+                live = f[:, index[inside] - start].T  # [k, C]
                 step = np.abs(live).max(axis=0, keepdims=True) / 127
                 pairs.append((f"feat/rows/{lvl}", rows[inside, : f.shape[0]], live, step))
             start += n

@@ -75,7 +75,7 @@ class TeacherSample:
     values_scale: np.ndarray | None = None  # [4*reg_max + nc] float32
     background: np.ndarray | None = None  # [nc] float16: the class logit of every other anchor
     head: np.ndarray | None = None  # dense head: [4*reg_max + nc, A] float, levels concatenated
-    rows: np.ndarray | None = None  # sparse features: [K, Cmax], the feature vector of index[j] at its level
+    rows: np.ndarray | None = None  # sparse features: [F, Cmax], the feature vector of index[j] at its level, j < F <= K
     rows_scale: np.ndarray | None = None  # [L, Cmax] float32, per stored feature level
     row_levels: tuple[str, ...] = ()  # the stored feature levels, in rows_scale's order
     feat: dict[str, np.ndarray] = field(default_factory=dict)  # dense features: level -> [C, H, W]
@@ -91,7 +91,7 @@ class TeacherSample:
         return v if self.values_scale is None else v * self.values_scale[None]
 
     def row_values(self, row_level: np.ndarray) -> np.ndarray:
-        """The feature rows [K, Cmax] as float32; row_level [K]: each slot's stored feature level (its row of rows_scale), -1 for none."""
+        """The feature rows [F, Cmax] as float32; row_level [F]: each row's stored feature level (its row of rows_scale), -1 for none."""
         r = self.rows.astype(np.float32)
         if self.rows_scale is None:
             return r

@@ -61,7 +61,8 @@ def render(summary: dict[str, Any]) -> str:
         f"storage    {s.get('precision', s['dtype'])}, codec head {s['codec']['head']['preset']} / feat {s['codec']['feat']['preset']}, "
         f"checksum {s['checksum']}, shard {s['shard_size']} samples, "
         f"head {'sparse: top ' + str(s['head_sparse']['topk']) + ' anchors, floor ' + str(s['head_sparse']['floor']) if s.get('head_sparse') else 'dense'}, "
-        f"features {(s.get('feature_layout') or 'dense') + ' levels ' + ','.join(s['levels']) if s['features'] else 'off'}",
+        f"features {(s.get('feature_layout') or 'dense') + ' levels ' + ','.join(s['levels']) if s['features'] else 'off'}"
+        + (f", rows for the first {s['head_sparse']['feature_rows']} kept anchors" if (s.get("head_sparse") or {}).get("feature_rows") else ""),
         "views      " + "  ".join(f"{v}: {x['shards_done']}/{x['shards_total']}" for v, x in summary["views"].items()),
         f"complete   {'yes' if summary['complete'] else 'no (run the same dump command again to resume)'}",
         f"on disk    {_mb(summary['bytes_total'])} in total; per sample-view:",

@@ -1,6 +1,6 @@
 """The cache's self-description: root attributes, array layout, and what must match to reuse a store.
 
-Layout (zarr v3), schema 3:
+Layout (zarr v3), schema 4:
     samples/path            [N]                       image paths relative to the dataset root
     {view}/fingerprint      [N, 16] uint8             softlabel.replay.fingerprint of the replayed image and labels
   sparse head (default, K = head_sparse.topk):
@@ -10,9 +10,10 @@ Layout (zarr v3), schema 3:
     {view}/head/background  [N, nc] float16           the class logit of every other anchor
   dense head (--head-topk 0):
     {view}/head/{level}     [N, 4*reg_max+nc, H, W]   with head_scale/{level} [N, 4*reg_max+nc] (int8)
-  sparse features (default, needs a sparse head; storage.feature_layout "sparse"):
-    {view}/feat/rows        [N, K, Cmax]              row j: the feature vector of anchor index[j] at its
+  sparse features (default, needs a sparse head; storage.feature_layout "sparse"; F = head_sparse.feature_rows <= K):
+    {view}/feat/rows        [N, F, Cmax]              row j < F: the feature vector of anchor index[j] at its
                                                       own level, zero past that level's C (Cmax: widest level)
+                                                      and where slot j is unused
     {view}/feat/scale       [N, L, Cmax] float32      int8 only: per stored level and channel, over its rows
   dense features (--features dense):
     {view}/feat/{level}     [N, C, H, W]              with feat_scale/{level} [N, C] (int8)
@@ -20,9 +21,10 @@ Layout (zarr v3), schema 3:
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
 rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
 
-Schema 3 changed what a view holds, not its arrays: mosaic partners come from the image's partner
-group (augment.mosaic_group) and the fingerprint is four CRC-32C; schema 2 stored features at the
-kept anchors.
+Schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
+what a view holds, not its arrays: mosaic partners come from the image's partner group
+(augment.mosaic_group) and the fingerprint is four CRC-32C; schema 2 stored features at the kept
+anchors.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 from softlabel.errors import UserError
 
 FORMAT = "softlabel-cache"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FEATURE_LAYOUTS = ("sparse", "dense")
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
@@ -62,7 +64,7 @@ class Layout:
     reg_max: int = 16
     nc: int = 80
     precision: str = "float16"
-    sparse: dict | None = None  # {"topk": K, "floor": F} for a sparse head
+    sparse: dict | None = None  # {"topk": K, "floor": F, "feature_rows": R} for a sparse head
     feature_layout: str = "dense"  # "sparse": feature rows at the kept anchors; "dense": whole maps
 
     @property
@@ -77,6 +79,11 @@ class Layout:
     def feature_rows(self) -> bool:
         """Features stored as rows at the sparse head's kept anchors."""
         return bool(self.feat) and self.feature_layout == "sparse"
+
+    @property
+    def row_count(self) -> int:
+        """F: the kept-anchor slots that have a feature row, the first F of the head's K."""
+        return int(self.sparse.get("feature_rows") or self.sparse["topk"])
 
     @property
     def row_width(self) -> int:
@@ -105,8 +112,7 @@ class Layout:
                 if int8:
                     out[f"{view}/head_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
         if self.feature_rows:
-            k = self.sparse["topk"]
-            out[f"{view}/feat/rows"] = ArraySpec((k, self.row_width), dt, "feat")
+            out[f"{view}/feat/rows"] = ArraySpec((self.row_count, self.row_width), dt, "feat")
             if int8:
                 out[f"{view}/feat/scale"] = ArraySpec((len(self.feat), self.row_width), "float32", "raw")
             return out
@@ -182,7 +188,7 @@ def check_format(attrs: dict[str, Any], where: str) -> None:
     if isinstance(version, int) and version < SCHEMA_VERSION:
         raise UserError(
             f"{where}: written by an older softlabel (cache schema {version}; this softlabel reads schema "
-            f"{SCHEMA_VERSION}, which draws mosaic partners from each image's group and fingerprints with CRC-32C); "
+            f"{SCHEMA_VERSION}, which stores feature rows for the first --feature-rows kept anchors only); "
             "re-dump it with 'softlabel dump' (--overwrite replaces it)"
         )
     if not isinstance(version, int) or version > SCHEMA_VERSION:

@@ -166,9 +166,10 @@ class Distiller(nn.Module):
         self, s_feats: list[Tensor], teacher: TeacherBatch, box_ch: int, all_feats: list[Tensor], student_levels: list[str]
     ) -> tuple[Tensor, Tensor]:
         """As _feature_rows, from a sparse store's rows: each image's `positions` kept anchors the
-        teacher is most confident in, their stored rows used as they are."""
-        # the dump stored the kept anchors in the teacher's rank order: the first `positions` slots are its top ones
-        k = min(self.positions, teacher.index.shape[1])
+        teacher is most confident in, their stored rows used as they are (row j is slot j's)."""
+        # the dump stored the kept anchors in the teacher's rank order: the first `positions` slots are its top ones;
+        # rows cover the first F slots, and a collated batch may be cut to fewer (then all of them are read)
+        k = min(self.positions, teacher.index.shape[1], teacher.rows.shape[1])
         conf = teacher.head_values()[:, :k, box_ch:].amax(2).sigmoid()
         anchor = teacher.index[:, :k].long()
         chosen = anchor >= 0

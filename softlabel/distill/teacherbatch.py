@@ -1,7 +1,7 @@
 """The teacher's side of a training batch, one typed object from collate to the distiller.
 
-From a sparse store it holds what the store holds, stacked at fixed K: anchor indices, int8 head
-values and feature rows with their scales, background logits. Nothing dense exists until the
+From a sparse store it holds what the store holds, stacked and cut to the batch's kept anchors:
+anchor indices, int8 head values and feature rows with their scales, background logits. Nothing dense exists until the
 distiller expands it on the student's device. From a dense store or a live teacher it holds whole
 maps.
 """
@@ -19,11 +19,12 @@ class TeacherBatch:
     head: Tensor | None = None  # dense: [B, 4*reg_max + nc, A], DFL bins then class logits, anchors P3..P5 row-major
     feats: dict[str, Tensor] = field(default_factory=dict)  # dense features: level -> [B, C, H, W]
     feat_scale: dict[str, Tensor] | None = None  # int8 dense features: level -> [B, C]; feats hold the int8 values
+    # a sparse batch's slot width K is any width (collate cuts it to the batch's kept anchors); rows cover the first F <= K
     index: Tensor | None = None  # sparse head: [B, K] int32 kept anchors, -1 for an unused slot
     values: Tensor | None = None  # [B, K, 4*reg_max + nc]: int8 with values_scale, or float
     values_scale: Tensor | None = None  # [B, 4*reg_max + nc]
     background: Tensor | None = None  # [B, nc]: the class logit of every anchor not kept
-    rows: Tensor | None = None  # sparse features: [B, K, Cmax], the feature vector of index[:, j] at its level
+    rows: Tensor | None = None  # sparse features: [B, F, Cmax], the feature vector of index[:, j] at its level, j < F
     rows_scale: Tensor | None = None  # [B, L, Cmax], per level of row_levels
     row_levels: tuple[str, ...] = ()  # the levels rows hold, in rows_scale's order
 

@@ -33,20 +33,22 @@ def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> Non
 
 def check_config_fits_cache(config, attrs: dict, where: str) -> None:
     """Refuse a distillation config that reads what the store does not hold: whole feature maps from a
-    store of feature rows, or more positions than the rows the store keeps per image."""
+    store of feature rows, or more positions than the feature rows the store keeps per image."""
     term = config.terms.get("feat")
     storage = attrs["storage"]
     if term is None or not storage.get("features") or storage.get("feature_layout") != "sparse":
         return
-    k = int(storage["head_sparse"]["topk"])
+    sparse = storage["head_sparse"]
+    f = int(sparse.get("feature_rows") or sparse["topk"])
     if term.positions is None:
         raise UserError(
             f"{config.source}: 'feat' (loss {term.loss}, positions: all) needs whole feature maps, but {where} holds "
-            f"feature vectors at each image's {k} kept anchors only; dump with 'softlabel dump --features dense', "
-            "or use a config with 'positions: P' (P <= K) and a row loss such as mimic"
+            f"feature vectors at each image's {f} most confident kept anchors only; dump with 'softlabel dump --features dense', "
+            f"or use a config with 'positions: P' (P <= {f}) and a row loss such as mimic"
         )
-    if term.positions > k:
+    if term.positions > f:
         raise UserError(
-            f"{config.source}: 'feat' positions: {term.positions} is more than the {k} anchors per image {where} "
-            f"holds feature vectors for; use positions <= {k}, or dump with --head-topk {term.positions} or more"
+            f"{config.source}: 'feat' positions: {term.positions} is more than the {f} anchors per image {where} "
+            f"holds feature vectors for; use positions <= {f}, or dump with 'softlabel dump --feature-rows {term.positions}' "
+            f"or more (with --head-topk at least that)"
         )

@@ -81,18 +81,31 @@ def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor | None:
     return None if arrays[0] is None else torch.from_numpy(np.stack(arrays))
 
 
+def kept_width(samples: list[TeacherSample]) -> int:
+    """The slots a sparse batch needs: up to the last kept anchor of any sample, at least 1."""
+    last = [int(np.flatnonzero(s.index >= 0)[-1]) + 1 if (s.index >= 0).any() else 0 for s in samples]
+    return max(1, *last)
+
+
 def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
-    """One batch's teacher arrays stacked as stored: [B, K, ...] for a sparse store, whole maps for a dense one."""
+    """One batch's teacher arrays stacked as stored: whole maps for a dense store; for a sparse one
+    [B, K', ...] with K' the batch's widest kept count (kept anchors are a prefix of the slots, so
+    the cut drops unused slots only), and rows [B, min(F, K'), Cmax]."""
     first = samples[0]
+    width = kept_width(samples) if first.sparse else None
+
+    def cut(arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        return arrays if width is None or arrays[0] is None else [a[:width] for a in arrays]
+
     return TeacherBatch(
         head=_stack([s.head for s in samples]),
         feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
         feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
-        index=_stack([s.index for s in samples]),
-        values=_stack([s.values for s in samples]),
+        index=_stack(cut([s.index for s in samples])),
+        values=_stack(cut([s.values for s in samples])),
         values_scale=_stack([s.values_scale for s in samples]),
         background=_stack([s.background for s in samples]),
-        rows=_stack([s.rows for s in samples]),
+        rows=_stack(cut([s.rows for s in samples])),
         rows_scale=_stack([s.rows_scale for s in samples]),
         row_levels=first.row_levels,
     )
