@@ -101,20 +101,25 @@ def test_level_without_chosen_positions_adds_nothing():
     assert all(f.grad is None or float(f.grad.abs().sum()) == 0 for f in student["feats"][1:])
 
 
-def _layout(precision: str, topk: int | None = None, features: str = "dense") -> Layout:
+def _layout(precision: str, topk: int | None = None, features: str = "dense", floor: float = 0.0, rows: int | None = None) -> Layout:
     head = {lvl: (4 * REG_MAX + NC, h, w) for lvl, (h, w) in zip(LEVELS, SIZES)}
     feat = {lvl: (c, h, w) for lvl, c, (h, w) in zip(LEVELS, T_CH, SIZES)}
     return Layout(count=3, shard_size=3, head=head, feat=feat, views=["v0"], reg_max=REG_MAX, nc=NC, precision=precision,
-                  sparse={"topk": topk, "floor": 0.0} if topk else None, feature_layout=features)
+                  sparse={"topk": topk, "floor": floor, "feature_rows": rows} if topk else None, feature_layout=features)
 
 
-def _stored(teacher: TeacherBatch, layout: Layout) -> TeacherBatch:
-    """Teacher tensors through the dump's encoding and the reader's decoding, collated as the trainer does."""
+def _samples(teacher: TeacherBatch, layout: Layout) -> list:
+    """Teacher tensors through the dump's encoding and the reader's decoding: one TeacherSample per image."""
     starts = np.cumsum([0] + [h * w for h, w in SIZES])
     head = [teacher.head[:, :, a:b].reshape(-1, teacher.head.shape[1], h, w) for a, b, (h, w) in zip(starts, starts[1:], SIZES)]
     stored = to_host(encode_batch(head, [teacher.feats[lvl] for lvl in LEVELS], layout))
     n = len(next(iter(stored.values())))
-    return stack_teacher([decode_sample({k: v[i] for k, v in stored.items()}, layout, b"") for i in range(n)])
+    return [decode_sample({k: v[i] for k, v in stored.items()}, layout, b"") for i in range(n)]
+
+
+def _stored(teacher: TeacherBatch, layout: Layout) -> TeacherBatch:
+    """Teacher tensors through the dump's encoding and the reader's decoding, collated as the trainer does."""
+    return stack_teacher(_samples(teacher, layout))
 
 
 def test_int8_maps_dequantised_by_the_distiller_match_the_decoded_store():
@@ -181,14 +186,14 @@ def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
 @pytest.mark.parametrize("precision,rel", [("float16", 5e-3), ("int8", 1e-2)])
 def test_stored_rows_give_the_feature_term_of_the_whole_maps(precision, rel):
     """Sparse features: the rows a store keeps are the maps at the kept anchors, and the feature term
-    from them equals the one from the teacher's whole maps (P <= K positions)."""
+    from them equals the one from the teacher's whole maps (P <= F positions; rows for the first F of K slots)."""
     student, teacher = _inputs(seed=3, batch=3)
-    k = 12
-    sparse = _stored(teacher, _layout(precision, topk=k, features="sparse"))
-    assert sparse.rows.shape == (3, k, max(T_CH)) and not sparse.feats and sparse.head is None
+    k, f = 12, 8
+    sparse = _stored(teacher, _layout(precision, topk=k, features="sparse", rows=f))
+    assert sparse.index.shape == (3, k) and sparse.rows.shape == (3, f, max(T_CH)) and not sparse.feats and sparse.head is None
     starts = dict(zip(LEVELS, np.cumsum([0] + [h * w for h, w in SIZES])))
     for b in range(3):
-        for j in range(k):
+        for j in range(f):
             a = int(sparse.index[b, j])
             lvl = [lv for lv in LEVELS if a >= starts[lv]][-1]
             c = T_CH[LEVELS.index(lvl)]
@@ -197,7 +202,52 @@ def test_stored_rows_give_the_feature_term_of_the_whole_maps(precision, rel):
             step = 0.51 * sparse.rows_scale[b, LEVELS.index(lvl), :c] if precision == "int8" else 1e-3 * want.abs() + 1e-6
             assert ((got - want).abs() <= step).all(), (b, j, lvl)
             assert (sparse.rows[b, j, c:] == 0).all()  # zero past the level's channels
-    for positions in (6, k):
+    for positions in (6, f):
         d = _distiller(positions=positions)
         whole, rows = d(student, teacher, LEVELS)["kd_feat"], d(student, sparse, LEVELS)["kd_feat"]
         assert float(rows.detach()) == pytest.approx(float(whole.detach()), rel=rel)
+
+
+@pytest.mark.parametrize("rows", [3, 8])
+def test_collate_cuts_to_the_batch_kept_anchors_and_the_terms_stay_the_same(rows):
+    """Kept anchors are a prefix of the K slots: collate cuts the slots to the batch's largest kept
+    count (and the rows to that or F), and every term equals the one from the uncut arrays."""
+    from softlabel.distill.config import load_distill
+
+    student, teacher = _inputs(seed=5, batch=3)
+    g = torch.Generator().manual_seed(6)
+    student["scores"] = torch.randn(student["scores"].shape, generator=g, requires_grad=True)
+    student["boxes"] = torch.randn(student["boxes"].shape, generator=g, requires_grad=True)
+    teacher.head[:, 4 * REG_MAX :] = -9.0  # below the floor everywhere but at the anchors set next
+    for b, n in enumerate((3, 5, 0)):
+        anchors = torch.randperm(ANCHORS, generator=g)[:n]
+        teacher.head[b, 4 * REG_MAX + b % NC, anchors] = torch.rand(n, generator=g) * 3
+    k = 12
+    samples = _samples(teacher, _layout("int8", topk=k, features="sparse", floor=0.01, rows=rows))
+    assert [int((s.index >= 0).sum()) for s in samples] == [3, 5, 0]
+
+    def uncut(batch: list) -> TeacherBatch:
+        def stack(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(s, name) for s in batch]))
+
+        return TeacherBatch(index=stack("index"), values=stack("values"), values_scale=stack("values_scale"),
+                            background=stack("background"), rows=stack("rows"), rows_scale=stack("rows_scale"),
+                            row_levels=batch[0].row_levels)
+
+    def nbytes(t: TeacherBatch) -> int:
+        return sum(x.numel() * x.element_size() for x in t.tensors().values())
+
+    torch.manual_seed(0)
+    d = Distiller(load_distill(None), REG_MAX, LEVELS, S_CH, LEVELS, T_CH)  # the default terms, positions: 64
+    for sel, width in ((slice(0, 3), 5), (slice(2, 3), 1), (slice(0, 1), 3)):
+        batch = samples[sel]
+        part = {"scores": student["scores"][sel], "boxes": student["boxes"][sel], "feats": [f[sel] for f in student["feats"]]}
+        cut, full = stack_teacher(batch), uncut(batch)
+        assert cut.index.shape == (len(batch), width) and cut.values.shape[1] == width
+        assert cut.rows.shape == (len(batch), min(rows, width), max(T_CH)) and full.index.shape == (len(batch), k)
+        assert nbytes(cut) < nbytes(full)
+        a, b = d(part, cut, LEVELS), d(part, full, LEVELS)
+        assert set(a) == {"kd_cls", "kd_box", "kd_feat"}
+        for key in a:
+            assert torch.equal(a[key], b[key]), (key, width, float(a[key]), float(b[key]))
+    assert float(d(student, stack_teacher(samples), LEVELS)["kd_feat"]) > 0
