@@ -220,10 +220,11 @@ def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.n
     if cached.sparse:
         dense = np.concatenate([h.reshape(h.shape[0], -1) for h in live_head], 1)  # [C, A]
         keep = cached.index >= 0
-        anchors = cached.index[keep].astype(np.int64)
-        live = dense[:, anchors].T  # [k, C]
-        # the int8 step from the live values, as the dump scaled them: a damaged stored scale cannot widen it
-        pairs.append(("head/values", cached.head_values()[keep], live, np.abs(live).max(axis=0, keepdims=True) / 127))
+        if keep.any():  # an image whose anchors all score below the floor keeps none
+            anchors = cached.index[keep].astype(np.int64)
+            live = dense[:, anchors].T  # [k, C]
+            # the int8 step from the live values, as the dump scaled them: a damaged stored scale cannot widen it
+            pairs.append(("head/values", cached.head_values()[keep], live, np.abs(live).max(axis=0, keepdims=True) / 127))
     else:
         start = 0
         for lvl, h in zip(levels, live_head):

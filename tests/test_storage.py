@@ -145,17 +145,22 @@ def test_mismatched_options_are_refused(tmp_path, dataset, teacher):
 
 
 def test_default_store_is_int8_with_a_sparse_head(tmp_path, dataset, teacher):
-    from softlabel.dump import DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK
+    from softlabel.dump import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK
 
+    assert (DEFAULT_HEAD_TOPK, DEFAULT_HEAD_FLOOR, DEFAULT_FEATURE_ROWS) == (512, 0.005, 64)
     out = tmp_path / "d.zarr"
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", out, "--imgsz", 64, "--batch", 4, "--views", 1,
                 "--close-views", 0, "--quiet")
     assert r.exit_code == 0, r.output
-    storage = CacheReader(str(out)).attrs["storage"]
-    assert storage["precision"] == "int8" and storage["head_sparse"] == {"topk": DEFAULT_HEAD_TOPK, "floor": DEFAULT_HEAD_FLOOR}
+    attrs = CacheReader(str(out)).attrs
+    storage = attrs["storage"]
+    assert storage["precision"] == "int8" and storage["head_sparse"] == {"topk": 512, "floor": 0.005, "feature_rows": 64}
     assert storage["feature_layout"] == "sparse"
+    command = attrs["command"]  # the resume command names them, so it resumes with the same store whatever the defaults
+    assert command[command.index("--head-topk") + 1] == "512"
+    assert command[command.index("--head-floor") + 1] == "0.005" and command[command.index("--feature-rows") + 1] == "64"
     sample = CacheReader(str(out)).read("v0", 0)
-    assert sample.index.shape == (DEFAULT_HEAD_TOPK,) and sample.rows.shape == (DEFAULT_HEAD_TOPK, 256)
+    assert sample.index.shape == (512,) and sample.rows.shape == (64, 256)
     assert run_cli("verify", out, "--samples", 2).exit_code == 0
     dense = tmp_path / "dense.zarr"
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", dense, "--imgsz", 64, "--batch", 4, "--views", 1,
