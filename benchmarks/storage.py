@@ -42,16 +42,17 @@ OPTIONS = {
     "dense-f16-lz4": dict(precision="float16", codec="blosc-lz4", **DENSE),
     "dense-bf16": dict(precision="bfloat16", **DENSE),
     "dense-int8": dict(precision="int8", **DENSE),
-    "sparse64-f16": dict(precision="float16", head_topk=64, head_floor=0.0),
-    "sparse64-int8": dict(precision="int8", head_topk=64, head_floor=0.0),
-    "sparse32-f16": dict(precision="float16", head_topk=32, head_floor=0.0),
-    "sparse32-int8": dict(precision="int8", head_topk=32, head_floor=0.0),
-    "sparse64-int8-floor.01": dict(precision="int8", head_topk=64, head_floor=0.01),
-    "sparse128-int8-floor.01": dict(precision="int8", head_topk=128, head_floor=0.01),
+    "sparse64-f16": dict(precision="float16", head_topk=64, head_floor=0.0, feature_rows=64),
+    "sparse64-int8": dict(precision="int8", head_topk=64, head_floor=0.0, feature_rows=64),
+    "sparse32-f16": dict(precision="float16", head_topk=32, head_floor=0.0, feature_rows=32),
+    "sparse32-int8": dict(precision="int8", head_topk=32, head_floor=0.0, feature_rows=32),
+    "sparse64-int8-floor.01": dict(precision="int8", head_topk=64, head_floor=0.01, feature_rows=64),
+    "sparse128-int8-floor.01": dict(precision="int8", head_topk=128, head_floor=0.01, feature_rows=64),
+    "sparse512-int8-floor.005": dict(precision="int8", head_topk=512, head_floor=0.005, feature_rows=64),
     "feat-p4p5-int8": dict(precision="int8", head_topk=32, head_floor=0.0, levels=["p4", "p5"], feature_layout="dense"),
 }
 # what `softlabel dump` stores without options (softlabel.dump.DumpSettings)
-DUMP_DEFAULT = "sparse64-int8"
+DUMP_DEFAULT = "sparse512-int8-floor.005"
 LOSS_LIMIT = 0.01
 HEAD_LIMIT = 0.3e6
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from storage import LOSS_LIMIT, _fidelity, _subset
 
-# name -> (head_topk, head_floor); every candidate is int8 with sparse features, as the default store
+# name -> (head_topk, head_floor); every candidate is int8 with sparse features and the default feature rows
+# (what the default feature term reads), as the default store
 CANDIDATES = {
     "top64": (64, 0.0),
     "top128": (128, 0.0),
@@ -89,7 +90,7 @@ def kept_anchors(store: str) -> dict:
 def main() -> None:
     args = parse_args()
     from softlabel.cache.info import summarize
-    from softlabel.dump import DumpSettings, run_dump
+    from softlabel.dump import DEFAULT_FEATURE_ROWS, DumpSettings, run_dump
     from softlabel.teacher import load_model
 
     _, info_t = load_model(args.teacher)
@@ -104,7 +105,7 @@ def main() -> None:
             t = time.perf_counter()
             run_dump(DumpSettings(teacher=args.teacher, data=str(subset), out=out, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, workers=1, progress=False, augment=args.augment, precision="int8",
-                                  head_topk=topk, head_floor=floor))
+                                  head_topk=topk, head_floor=floor, feature_rows=min(DEFAULT_FEATURE_ROWS, topk)))
             seconds = time.perf_counter() - t
             totals = summarize(out)["bytes_per_sample_view_total"]
             kept = kept_anchors(out)

@@ -85,7 +85,7 @@ def main() -> None:
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
 @click.option("--features", "feature_layout", default="sparse", show_default=True, type=click.Choice(["sparse", "dense"]),
-              help="sparse: feature vectors at the sparse head's kept anchors only (what the default feature term reads); "
+              help="sparse: feature vectors at the sparse head's first --feature-rows kept anchors only (what the default feature term reads); "
                    "dense: whole feature maps, for configs with cwd, mgd or 'positions: all'.")
 @click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
 @click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
