@@ -72,8 +72,8 @@ def test_sparse_head_keeps_the_best_anchors_and_a_background_constant():
         ["--precision", "bfloat16", "--codec", "head=zstd,feat=blosc-lz4"],
         ["--head-topk", "30", "--head-floor", "0.0"],
         ["--head-topk", "30", "--head-floor", "0", "--precision", "int8", "--no-features"],
-        ["--head-topk", "30", "--features", "sparse", "--precision", "int8"],
-        ["--head-topk", "30", "--features", "sparse", "--precision", "bfloat16"],
+        ["--head-topk", "30", "--head-floor", "0", "--features", "sparse", "--precision", "int8", "--feature-rows", "20"],
+        ["--head-topk", "30", "--head-floor", "0", "--features", "sparse", "--precision", "bfloat16"],
     ],
     ids=["int8", "bf16-codecs", "sparse", "sparse-int8-nofeat", "sparse-rows-int8", "sparse-rows-bf16"],
 )
@@ -90,7 +90,7 @@ def test_options_round_trip_and_verify(tmp_path, dataset, teacher, options):
     else:
         assert sample.head.shape == (67, 84) and sample.index is None
     if "sparse" in options:
-        assert sample.rows.shape == (30, 256) and not sample.feat
+        assert sample.rows.shape == (20 if "--feature-rows" in options else 30, 256) and not sample.feat
         assert (sample.rows_scale is not None) == ("int8" in options)
     v = run_cli("verify", out, "--samples", 4)
     assert v.exit_code == 0, v.output
@@ -111,8 +111,8 @@ def test_a_sparse_batch_holds_no_dense_tensor(tmp_path, dataset, teacher):
     from softlabel.train import DistillDataset, ViewPlan
 
     out = tmp_path / "sp.zarr"
-    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10", "--features", "sparse",
-                              "--precision", "int8")).exit_code == 0
+    assert run_cli(*dump_args(teacher, dataset, out, "--views", "1", "--head-topk", "10", "--head-floor", "0",
+                              "--features", "sparse", "--precision", "int8")).exit_code == 0
     reader = CacheReader(str(out))
     aug = reader.attrs["augment"]
     replay = Replay(build_index(load_data_yaml(dataset), check_images=False), AugmentConfig.from_attrs(aug), 64, aug["seed"])
