@@ -1,8 +1,8 @@
 """The teacher's side of a training batch, one typed object from collate to the distiller.
 
 From a sparse store it holds what the store holds, stacked and cut to the batch's kept anchors:
-anchor indices, int8 head values and feature rows with their scales, background logits. Nothing dense exists until the
-distiller expands it on the student's device. From a dense store or a live teacher it holds whole
+anchor indices, int8 head values and feature rows with their scales, background logits. Nothing
+dense exists until the distiller expands it on the student's device. From a dense store or a live teacher it holds whole
 maps.
 """
 
