@@ -151,6 +151,25 @@ def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
     return save_checkpoint_from_yaml(cfg, data_names(data_yaml), path)
 
 
+KEPT_HELP = ("anchors every image keeps in the sparse head: the dump runs with --head-topk N --head-floor 0. A teacher "
+             "with random weights scores every anchor below the default floor (0.005) and would keep none, so its store "
+             "would cost less than a trained teacher's; N = 512, the default cap, is the most the default store holds "
+             "(an upper bound on bytes and time). 0: the dump's own defaults (default: %(default)s)")
+
+
+def add_kept_arg(parser, default: int = 512) -> None:
+    parser.add_argument("--kept", type=int, default=default, help=KEPT_HELP)
+
+
+def kept_options(kept: int) -> dict:
+    """Dump options that make every image keep `kept` anchors (feature rows as the default: at most 64)."""
+    if not kept:
+        return {}
+    from softlabel.dump import DEFAULT_FEATURE_ROWS
+
+    return dict(head_topk=kept, head_floor=0.0, feature_rows=min(DEFAULT_FEATURE_ROWS, kept))
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings cover it."""
     if device.type == "cuda":

@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=16, help="samples per shard (default: 16)")
     p.add_argument("--default-only", action="store_true", help="time and size the default store only, not every codec x precision")
     p.add_argument("--seed", type=int, default=0, help="augmentation and data seed (default: 0)")
+    common.add_kept_arg(p)
     p.add_argument("--out", default=str(common.RESULTS / "dump.json"), help="result JSON (default: benchmarks/results/dump.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, stores) and print its path")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 images at imgsz 64, 1 repeat, yolov8n teacher (~1 minute)")
@@ -115,7 +116,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
     # the dump's defaults (int8, sparse head), then every codec x precision with a dense head
-    options: dict[str, dict] = {DEFAULT: {}}
+    options: dict[str, dict] = {DEFAULT: common.kept_options(args.kept)}
     for codec in [] if args.default_only else codecs:
         for precision in PRECISIONS:
             options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0, feature_layout="dense")

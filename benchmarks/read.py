@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, 0, 1, ... for the dump's teacher and the student step (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for loader and student step (default on CPU: what Ultralytics' trainer sets, cores-1 up to 8)")
     p.add_argument("--seed", default=0, type=int, help="augmentation and sampling seed (default: 0)")
+    common.add_kept_arg(p)
     p.add_argument("--out", default=str(common.RESULTS / "read.json"), help="result JSON (default: benchmarks/results/read.json)")
     p.add_argument("--repeats", type=int, default=3, help="measure ours and Ultralytics' in turn this many times, keep each one's best (default: 3)")
     p.add_argument("--note", default=None, help="a remark stored with the result (e.g. why this teacher)")
@@ -220,7 +221,7 @@ def main() -> None:
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
             run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, device=args.device, workers=args.dump_workers, seed=args.seed,
-                                  progress=False))
+                                  progress=False, **common.kept_options(args.kept)))
         attrs = read_attrs(store)
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="training and augmentation seed (default: 0)")
     p.add_argument("--distill", default=None, help="distillation config for offline and online (a built-in name or a YAML path; default: default)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+    common.add_kept_arg(p)
     p.add_argument("--out", default=str(common.RESULTS / "speed.json"), help="result JSON (default: benchmarks/results/speed.json)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, teacher, cache, runs) and print its path")
     p.add_argument("--quick", action="store_true", help="smoke test: 16 images at imgsz 64, 3 epochs, 1 repeat, yolov8n teacher (~1 minute)")
@@ -116,7 +117,7 @@ def main() -> None:
         # the one-time cost: one teacher pass over every view, written to the cache
         settings = DumpSettings(teacher=str(teacher), data=str(data), out=str(store), views=args.views, close_views=0,
                                 imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.dump_workers,
-                                seed=args.seed, progress=False)
+                                seed=args.seed, progress=False, **common.kept_options(args.kept))
         with common.Timer() as t:
             run_dump(settings)
         dump_seconds = t.seconds

@@ -53,6 +53,7 @@ OPTIONS = {
 }
 # what `softlabel dump` stores without options (softlabel.dump.DumpSettings)
 DUMP_DEFAULT = "sparse512-int8-floor.005"
+DEFAULT_TOPK, DEFAULT_FLOOR = OPTIONS[DUMP_DEFAULT]["head_topk"], OPTIONS[DUMP_DEFAULT]["head_floor"]
 LOSS_LIMIT = 0.01
 HEAD_LIMIT = 0.3e6
 
@@ -74,6 +75,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--at-640", action="store_true",
                    help="measure the dump's default store at the operating point instead (640 px, 80 classes, a yolov8x "
                         "built from yaml, --images drawn images) and update 'default' in --out; nothing is scaled")
+    p.add_argument("--kept-640", default=None,
+                   help="with --at-640: comma-separated anchors every image keeps (--head-topk N --head-floor 0, as a random "
+                        "teacher keeps none above the floor); the first becomes 'default' (default: the mean a trained "
+                        "teacher kept under the default rule in results/topk.json, then the cap 512)")
     p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="with --at-640: the teacher yaml (default: yolov8x.yaml)")
     return p.parse_args()
 
@@ -203,60 +208,85 @@ def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_valu
     return head, feat
 
 
-def measure_640(args) -> None:
-    """The default store measured at 640 px, 80 classes: bytes on disk per tensor and per sample-view,
-    bytes the dump copied from the teacher's device, and the loss error against the live teacher."""
+def typical_kept() -> int | None:
+    """Anchors a trained teacher kept per image under the default rule at 640 px (topk.py's measured mean)."""
     import json
 
+    path = common.RESULTS / "topk.json"
+    if not path.is_file():
+        return None
+    cand = json.loads(path.read_text())["candidates"].get(f"floor{str(DEFAULT_FLOOR).lstrip('0')}-cap{DEFAULT_TOPK}")
+    return round(cand["kept_anchors"]["mean"]) if cand else None
+
+
+def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: int) -> dict:
     from softlabel.cache.info import summarize
     from softlabel.dump import DumpSettings, run_dump
 
-    work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
-    try:
-        data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
-        teacher_pt = common.make_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt")
-        out = str(work / "default.zarr")
-        t = time.perf_counter()
-        done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
-                                     imgsz=640, batch=args.batch, workers=1, progress=False))
-        dump_rate = done.samples_done / (time.perf_counter() - t)
-        info = summarize(out)
-        per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
-        other = sum(v for k, v in per.items() if not k.split("/")[0].split("_")[0] in ("head", "feat"))
-        fidelity = _fidelity(out, teacher_pt, data_yaml, args.student, min(args.fidelity_samples, args.images))
-        total = totals["head"] + totals["feat"] + other
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    default = {
+    out = str(work / f"kept{kept}.zarr")
+    t = time.perf_counter()
+    done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
+                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_options(kept)))
+    dump_rate = done.samples_done / (time.perf_counter() - t)
+    info = summarize(out)
+    per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
+    other = sum(v for k, v in per.items() if not k.split("/")[0].split("_")[0] in ("head", "feat"))
+    fidelity = _fidelity(out, teacher_pt, data_yaml, args.student, min(args.fidelity_samples, args.images))
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "kept_anchors": kept,
         "head_bytes_per_sample_view": totals["head"],
         "feat_bytes_per_sample_view": totals["feat"],
         "other_bytes_per_sample_view": other,  # fingerprints, done flags
-        "total_bytes_per_sample_view": total,
+        "total_bytes_per_sample_view": totals["head"] + totals["feat"] + other,
+        "coco_train2017_4_views_bytes": COCO_IMAGES * COCO_VIEWS * (totals["head"] + totals["feat"] + other),
+        # a random teacher's loss: the trained teacher's fidelity at 640 px is topk.py's
         "loss_rel_error": fidelity["total"]["max"],
         "loss_rel_error_per_term": fidelity,
         "host_bytes_per_sample_view": done.host_bytes_per_sample_view,
         "bytes_per_tensor": per,
         "dump_sample_views_per_sec": dump_rate,
         "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights)", "images": args.images,
-                     **common.header("cpu")},
+                     "dump_options": {"precision": "int8", **common.kept_options(kept)}, **common.header("cpu")},
     }
+
+
+def measure_640(args) -> None:
+    """The default store measured at 640 px, 80 classes: bytes on disk per tensor and per sample-view,
+    bytes the dump copied from the teacher's device, for each number of kept anchors in --kept-640
+    (the first is the typical image and becomes 'default', the others are reported beside it)."""
+    import json
+
+    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [typical_kept() or DEFAULT_TOPK, DEFAULT_TOPK]
+    work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
+    try:
+        data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
+        teacher_pt = common.make_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt")
+        stores = {k: _measure_store(args, work, data_yaml, teacher_pt, k) for k in dict.fromkeys(kept)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    default = stores[kept[0]]
     path = Path(args.out)
     payload = json.loads(path.read_text()) if path.is_file() else {}
-    payload.update(default=default, default_name=DUMP_DEFAULT, coco_train2017_4_views_bytes=COCO_IMAGES * COCO_VIEWS * total,
-                   default_measured_at="640 px, 80 classes, measured, not scaled")
+    payload.update(default=default, default_name=DUMP_DEFAULT, coco_train2017_4_views_bytes=default["coco_train2017_4_views_bytes"],
+                   default_by_kept={str(k): v for k, v in stores.items()},
+                   default_measured_at=f"640 px, 80 classes, measured, not scaled; every image keeps {kept[0]} anchors "
+                                       "(the mean a trained teacher kept under the default rule, topk.json)")
     common.write_json(path, payload)
-    rows = [[k, v / 1e3] for k, v in per.items()]
-    terms = ", ".join(f"{k} {100 * v['max']:.2f}%" for k, v in fidelity.items() if k != "total")
-    print(common.table(["tensor", "kB per sample-view"], rows,
+    tensors = sorted({t for v in stores.values() for t in v["bytes_per_tensor"]})
+    rows = [[t] + [v["bytes_per_tensor"].get(t, 0) / 1e3 for v in stores.values()] for t in tensors]
+    rows.append(["total"] + [v["total_bytes_per_sample_view"] / 1e3 for v in stores.values()])
+    footer = []
+    for k, v in stores.items():
+        total, coco = v["total_bytes_per_sample_view"], v["coco_train2017_4_views_bytes"]
+        footer.append(f"{k} kept: {total / 1e6:.4f} MB per sample-view ({common.verdict(total <= 0.1e6)} <= 0.1 MB), "
+                      f"COCO train2017 x {COCO_VIEWS} views {coco / 1e9:.1f} GB ({common.verdict(coco <= 50e9)} <= 50 GB), "
+                      f"copied from the teacher's device {v['host_bytes_per_sample_view'] / 1e6:.4f} MB, "
+                      f"dump {v['dump_sample_views_per_sec']:.2f} sample-views/s")
+    footer.append(f"written to {path}")
+    print(common.table(["tensor"] + [f"kB, {k} kept" for k in stores], rows,
                        title=f"default store at 640 px, 80 classes, {args.teacher_cfg} (random weights), {args.images} images",
-                       footer=[f"head {totals['head'] / 1e3:.1f} kB + features {totals['feat'] / 1e3:.1f} kB + other {other / 1e3:.1f} kB "
-                               f"= {total / 1e6:.4f} MB per sample-view ({common.verdict(total <= 0.1e6)} <= 0.1 MB)",
-                               f"COCO train2017 x {COCO_VIEWS} views: {COCO_IMAGES * COCO_VIEWS * total / 1e9:.1f} GB "
-                               f"({common.verdict(COCO_IMAGES * COCO_VIEWS * total <= 50e9)} <= 50 GB)",
-                               f"copied from the teacher's device: {done.host_bytes_per_sample_view / 1e6:.4f} MB per sample-view",
-                               f"loss error against the live teacher: max {100 * fidelity['total']['max']:.2f}% "
-                               f"(per term: {terms})",
-                               f"dump {dump_rate:.2f} sample-views/s on this machine; written to {path}"]))
+                       footer=footer))
 
 
 def main() -> None:
