@@ -153,16 +153,41 @@ def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
 
 KEPT_HELP = ("anchors every image keeps in the sparse head: the dump runs with --head-topk N --head-floor 0. A teacher "
              "with random weights scores every anchor below the default floor (0.005) and would keep none, so its store "
-             "would cost less than a trained teacher's; N = 512, the default cap, is the most the default store holds "
-             "(an upper bound on bytes and time). 0: the dump's own defaults (default: %(default)s)")
+             "would cost less than a trained teacher's. Default: the typical image, the share of anchors a trained teacher "
+             "kept under the default rule at 640 px (results/topk.json: 135 of 8,400) applied to this image size; 512, the "
+             "default cap, is the most the default store holds (an upper bound); 0: the dump's own defaults")
 
 
-def add_kept_arg(parser, default: int = 512) -> None:
-    parser.add_argument("--kept", type=int, default=default, help=KEPT_HELP)
+def add_kept_arg(parser) -> None:
+    parser.add_argument("--kept", type=int, default=None, help=KEPT_HELP)
 
 
-def kept_options(kept: int) -> dict:
-    """Dump options that make every image keep `kept` anchors (feature rows as the default: at most 64)."""
+def anchors(imgsz: int, strides: tuple[int, ...] = (8, 16, 32)) -> int:
+    return sum((imgsz // s) ** 2 for s in strides)
+
+
+def typical_kept(imgsz: int = 640) -> int:
+    """Anchors a trained teacher keeps per image under the dump's default rule, at this image size: the mean
+    topk.py measured at 640 px on scenes of COCO's density, as a share of the anchors."""
+    import json
+
+    from softlabel.dump import DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK
+
+    name = f"floor{str(DEFAULT_HEAD_FLOOR).lstrip('0')}-cap{DEFAULT_HEAD_TOPK}"
+    path = RESULTS / "topk.json"
+    found = json.loads(path.read_text())["candidates"].get(name) if path.is_file() else None
+    if not found:
+        raise SystemExit(f"{path} has no {name} candidate: run benchmarks/topk.py, or give --kept")
+    d = json.loads(path.read_text())
+    share = found["kept_anchors"]["mean"] / d["anchors"]
+    return max(1, round(share * anchors(imgsz)))
+
+
+def kept_options(kept: int | None, imgsz: int) -> dict:
+    """Dump options that make every image keep `kept` anchors (None: typical_kept(imgsz); 0: the dump's defaults);
+    feature rows as the default, at most 64."""
+    if kept is None:
+        kept = typical_kept(imgsz)
     if not kept:
         return {}
     from softlabel.dump import DEFAULT_FEATURE_ROWS

@@ -221,7 +221,7 @@ def main() -> None:
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
             run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, device=args.device, workers=args.dump_workers, seed=args.seed,
-                                  progress=False, **common.kept_options(args.kept)))
+                                  progress=False, **common.kept_options(args.kept, args.imgsz)))
         attrs = read_attrs(store)
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -53,7 +53,7 @@ OPTIONS = {
 }
 # what `softlabel dump` stores without options (softlabel.dump.DumpSettings)
 DUMP_DEFAULT = "sparse512-int8-floor.005"
-DEFAULT_TOPK, DEFAULT_FLOOR = OPTIONS[DUMP_DEFAULT]["head_topk"], OPTIONS[DUMP_DEFAULT]["head_floor"]
+DEFAULT_TOPK = OPTIONS[DUMP_DEFAULT]["head_topk"]
 LOSS_LIMIT = 0.01
 HEAD_LIMIT = 0.3e6
 
@@ -208,17 +208,6 @@ def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_valu
     return head, feat
 
 
-def typical_kept() -> int | None:
-    """Anchors a trained teacher kept per image under the default rule at 640 px (topk.py's measured mean)."""
-    import json
-
-    path = common.RESULTS / "topk.json"
-    if not path.is_file():
-        return None
-    cand = json.loads(path.read_text())["candidates"].get(f"floor{str(DEFAULT_FLOOR).lstrip('0')}-cap{DEFAULT_TOPK}")
-    return round(cand["kept_anchors"]["mean"]) if cand else None
-
-
 def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: int) -> dict:
     from softlabel.cache.info import summarize
     from softlabel.dump import DumpSettings, run_dump
@@ -226,7 +215,7 @@ def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: in
     out = str(work / f"kept{kept}.zarr")
     t = time.perf_counter()
     done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
-                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_options(kept)))
+                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_options(kept, 640)))
     dump_rate = done.samples_done / (time.perf_counter() - t)
     info = summarize(out)
     per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
@@ -247,7 +236,7 @@ def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: in
         "bytes_per_tensor": per,
         "dump_sample_views_per_sec": dump_rate,
         "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights)", "images": args.images,
-                     "dump_options": {"precision": "int8", **common.kept_options(kept)}, **common.header("cpu")},
+                     "dump_options": {"precision": "int8", **common.kept_options(kept, 640)}, **common.header("cpu")},
     }
 
 
@@ -257,7 +246,7 @@ def measure_640(args) -> None:
     (the first is the typical image and becomes 'default', the others are reported beside it)."""
     import json
 
-    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [typical_kept() or DEFAULT_TOPK, DEFAULT_TOPK]
+    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [common.typical_kept(640), DEFAULT_TOPK]
     work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
     try:
         data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)

@@ -360,8 +360,8 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         for view_keys, indices, images, fps in loader:
             out = teacher(to_model_input(images, teacher.device))
             # selected and quantised where the teacher ran: only the stored arrays cross to the host
-            stored = to_host(encode_batch(out.head, out.feat, layout))
-            host_bytes += sum(a.nbytes for a in stored.values())
+            stored, copied = to_host(encode_batch(out.head, out.feat, layout))
+            host_bytes += copied
             host_samples += len(indices)
             for b, (view, i) in enumerate(zip(view_keys, indices)):
                 shard = i // layout.shard_size

@@ -132,12 +132,39 @@ def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Te
     return out
 
 
-def to_host(arrays: dict[str, Tensor]) -> dict:
-    """The stored arrays as numpy on the host: the only copy from the teacher's device."""
+# arrays with a slot axis (dim 1) of a sparse store: only their kept slots need to cross to the host
+SLOTTED = ("head/index", "head/values", "feat/rows")
+
+
+def to_host(arrays: dict[str, Tensor]) -> tuple[dict, int]:
+    """The stored arrays as numpy on the host: the only copy from the teacher's device.
+
+    Of a sparse store's slotted arrays only the kept slots cross (kept anchors are a prefix of the
+    slots), with one count per sample; the host rebuilds the padded arrays (index -1, zeros), equal
+    to copying them whole. Returns (arrays, bytes copied from the device)."""
     import numpy as np
 
-    out = {}
-    for name, t in arrays.items():
+    def host(t: Tensor):
         a = t.cpu().numpy()
-        out[name] = a.view(np.uint16) if t.dtype == torch.int16 else a
-    return out
+        return a.view(np.uint16) if t.dtype == torch.int16 else a
+
+    out, copied = {}, 0
+    kept = None
+    if "head/index" in arrays:
+        counts = host((arrays["head/index"] >= 0).sum(1).to(torch.int32))
+        copied += counts.nbytes
+        slots = np.arange(arrays["head/index"].shape[1])
+        kept = slots[None, :] < counts[:, None]  # [B, K] on the host
+        keep_device = arrays["head/index"] >= 0
+    for name, t in arrays.items():
+        if kept is None or name not in SLOTTED:
+            out[name] = host(t)
+            copied += out[name].nbytes
+            continue
+        n = t.shape[1]
+        packed = host(t[keep_device[:, :n]])  # [kept slots, ...]
+        copied += packed.nbytes
+        full = np.full(tuple(t.shape), -1 if name == "head/index" else 0, dtype=packed.dtype)
+        full[kept[:, :n]] = packed
+        out[name] = full
+    return out, copied

@@ -112,14 +112,15 @@ def _samples(teacher: TeacherBatch, layout: Layout) -> list:
     """Teacher tensors through the dump's encoding and the reader's decoding: one TeacherSample per image."""
     starts = np.cumsum([0] + [h * w for h, w in SIZES])
     head = [teacher.head[:, :, a:b].reshape(-1, teacher.head.shape[1], h, w) for a, b, (h, w) in zip(starts, starts[1:], SIZES)]
-    stored = to_host(encode_batch(head, [teacher.feats[lvl] for lvl in LEVELS], layout))
+    stored, _ = to_host(encode_batch(head, [teacher.feats[lvl] for lvl in LEVELS], layout))
     n = len(next(iter(stored.values())))
     return [decode_sample({k: v[i] for k, v in stored.items()}, layout, b"") for i in range(n)]
 
 
 def _stored(teacher: TeacherBatch, layout: Layout) -> TeacherBatch:
-    """Teacher tensors through the dump's encoding and the reader's decoding, collated as the trainer does."""
-    return stack_teacher(_samples(teacher, layout))
+    """Teacher tensors through the dump's encoding and the reader's decoding, collated as the trainer does and
+    laid out as the distiller lays it out (a no-op for dense stores)."""
+    return stack_teacher(_samples(teacher, layout)).unpacked()
 
 
 def test_int8_maps_dequantised_by_the_distiller_match_the_decoded_store():
@@ -209,9 +210,10 @@ def test_stored_rows_give_the_feature_term_of_the_whole_maps(precision, rel):
 
 
 @pytest.mark.parametrize("rows", [3, 8])
-def test_collate_cuts_to_the_batch_kept_anchors_and_the_terms_stay_the_same(rows):
-    """Kept anchors are a prefix of the K slots: collate cuts the slots to the batch's largest kept
-    count (and the rows to that or F), and every term equals the one from the uncut arrays."""
+def test_collate_packs_the_kept_anchors_and_the_terms_stay_the_same(rows):
+    """Kept anchors are a prefix of the K slots: collate packs each sample's kept slots (rows: of its
+    first F), the distiller lays them out to the batch's largest kept count, and every term equals the
+    one from the whole padded arrays."""
     from softlabel.distill.config import load_distill
 
     student, teacher = _inputs(seed=5, batch=3)
@@ -242,11 +244,18 @@ def test_collate_cuts_to_the_batch_kept_anchors_and_the_terms_stay_the_same(rows
     for sel, width in ((slice(0, 3), 5), (slice(2, 3), 1), (slice(0, 1), 3)):
         batch = samples[sel]
         part = {"scores": student["scores"][sel], "boxes": student["boxes"][sel], "feats": [f[sel] for f in student["feats"]]}
-        cut, full = stack_teacher(batch), uncut(batch)
+        packed, full = stack_teacher(batch), uncut(batch)
+        counts = [int((x.index >= 0).sum()) for x in batch]
+        # packed: the kept slots only, rows for each sample's first `rows` of them
+        assert packed.counts.tolist() == counts and packed.index.shape == (sum(counts),)
+        assert packed.values.shape[0] == sum(counts) and packed.rows.shape == (sum(min(n, rows) for n in counts), max(T_CH))
+        assert nbytes(packed) < nbytes(full)
+        cut = packed.unpacked()
         assert cut.index.shape == (len(batch), width) and cut.values.shape[1] == width
         assert cut.rows.shape == (len(batch), min(rows, width), max(T_CH)) and full.index.shape == (len(batch), k)
-        assert nbytes(cut) < nbytes(full)
-        a, b = d(part, cut, LEVELS), d(part, full, LEVELS)
+        assert torch.equal(cut.index, full.index[:, :width]) and torch.equal(cut.values, full.values[:, :width])
+        assert torch.equal(cut.rows, full.rows[:, : min(rows, width)])
+        a, b = d(part, packed, LEVELS), d(part, full, LEVELS)
         assert set(a) == {"kd_cls", "kd_box", "kd_feat"}
         for key in a:
             assert torch.equal(a[key], b[key]), (key, width, float(a[key]), float(b[key]))

@@ -24,6 +24,7 @@ from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.dump import DumpSettings, run_dump
 from softlabel.errors import UserError
 from softlabel.replay import Replay
+from softlabel.select import SLOTTED, to_host
 from softlabel.teacher import Teacher, save_checkpoint_from_yaml
 from softlabel.toydata import make_dataset
 from softlabel.train import DistillDataset, ViewPlan, check_config_fits_cache, student_levels
@@ -112,14 +113,39 @@ def test_feature_rows_beyond_the_head_topk_are_refused(tmp_path, dataset, teache
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_dump_copies_only_the_stored_bytes_to_the_host(tmp_path, dataset, teacher):
+def test_dump_copies_only_the_kept_slots_to_the_host(tmp_path, dataset, teacher):
     out = tmp_path / "h.zarr"
     settings = DumpSettings(teacher=str(teacher), data=str(dataset), out=str(out), views=1, close_views=0, imgsz=64,
-                            batch=4, progress=False)
+                            batch=4, progress=False, head_topk=20, head_floor=0.0, feature_rows=8)
     result = run_dump(settings)
     layout = CacheReader(str(out)).layout
-    per_sample = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in layout.stored("v0").values())
-    assert result.host_samples == 12 and result.host_bytes_per_sample_view == per_sample
+    spec = layout.stored("v0")
+    per_slot = {name.split("/", 1)[1]: int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for name, a in spec.items()}
+    whole = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for name, a in spec.items()
+                if name.split("/", 1)[1] not in SLOTTED)
+    kept = (zarr.open_group(str(out), mode="r")["v0/head/index"][:] >= 0).sum(1)  # 20 a sample: floor 0
+    want = whole + 4 + kept.mean() * (per_slot["head/index"] + per_slot["head/values"]) \
+        + np.minimum(kept, 8).mean() * per_slot["feat/rows"]
+    assert result.host_samples == 12 and result.host_bytes_per_sample_view == pytest.approx(want)
+
+
+def test_to_host_rebuilds_the_padded_arrays_from_the_kept_slots():
+    gen = torch.Generator().manual_seed(0)
+    counts = [0, 3, 8]
+    index = torch.full((3, 8), -1, dtype=torch.int32)
+    values = torch.zeros((3, 8, 5), dtype=torch.int8)
+    rows = torch.zeros((3, 4, 6), dtype=torch.int8)
+    for b, n in enumerate(counts):
+        index[b, :n] = torch.randperm(100, generator=gen)[:n].to(torch.int32)
+        values[b, :n] = torch.randint(-127, 128, (n, 5), generator=gen, dtype=torch.int8)
+        rows[b, : min(n, 4)] = torch.randint(-127, 128, (min(n, 4), 6), generator=gen, dtype=torch.int8)
+    arrays = {"head/index": index, "head/values": values, "feat/rows": rows, "head/scale": torch.rand((3, 5), generator=gen),
+              "head/background": torch.rand((3, 2), generator=gen).to(torch.float16)}
+    host, copied = to_host(arrays)
+    for name, t in arrays.items():
+        assert host[name].dtype == t.numpy().dtype and np.array_equal(host[name], t.numpy()), name
+    kept, rows_kept = sum(counts), sum(min(n, 4) for n in counts)
+    assert copied == 3 * 4 + 3 * 5 * 4 + 3 * 2 * 2 + kept * (4 + 5) + rows_kept * 6
 
 
 @pytest.mark.parametrize(
@@ -206,7 +232,9 @@ def test_default_store_at_640_px_with_80_classes_is_the_live_teacher_within_one_
     ds = DistillDataset(replay, ViewPlan(1, 0, 1, 0), reader)
     batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(2)])
     cached = batch["teacher"]
-    assert cached.sparse and cached.index.shape == (2, 512) and cached.rows.shape == (2, 64, 256)
+    assert cached.sparse and cached.counts.tolist() == [512, 512] and cached.index.shape == (1024,)
+    laid = cached.unpacked()
+    assert laid.index.shape == (2, 512) and laid.rows.shape == (2, 64, 256) and (laid.index >= 0).all()
     teacher_bytes = sum(t.numel() * t.element_size() for t in cached.tensors().values()) / 2
     assert teacher_bytes < 0.1e6  # per sample in the collated batch
 

@@ -121,8 +121,13 @@ def test_a_sparse_batch_holds_no_dense_tensor(tmp_path, dataset, teacher):
     t = batch["teacher"]
     assert isinstance(t, TeacherBatch) and t.head is None and not t.feats
     shapes = {name: tuple(v.shape) for name, v in t.tensors().items()}
-    assert shapes == {"index": (3, 10), "values": (3, 10, 67), "values_scale": (3, 67), "background": (3, 3),
-                      "rows": (3, 10, 256), "rows_scale": (3, 3, 256)}
+    # packed: 10 kept slots per sample (floor 0), one after another, and the counts
+    assert shapes == {"index": (30,), "values": (30, 67), "values_scale": (3, 67), "background": (3, 3),
+                      "rows": (30, 256), "rows_scale": (3, 3, 256), "counts": (3,)}
+    laid = t.unpacked()
+    assert laid.index.shape == (3, 10) and laid.values.shape == (3, 10, 67) and laid.rows.shape == (3, 10, 256)
+    for i in range(3):
+        assert np.array_equal(laid.index[i].numpy(), reader.read("v0", i).index)
     assert t.values.dtype == torch.int8 and t.rows.dtype == torch.int8 and t.row_levels == ("p3", "p4", "p5")
     assert all(84 not in shape for shape in shapes.values())  # no tensor spans the 84 anchors
     moved = t.to("cpu")

@@ -81,7 +81,9 @@ class Distiller(nn.Module):
         zero = student["scores"].new_zeros(())
         if self.factor == 0:
             return {name: zero for name in self.item_names}
-        # a sparse teacher is expanded here, on the student's device: background logits everywhere, the kept anchors scattered in
+        # a sparse teacher is laid out and expanded here, on the student's device: background logits everywhere,
+        # the kept anchors scattered in
+        teacher = teacher.unpacked()
         t_scores = teacher.class_logits(box_ch, student["scores"].shape[2])
         if "cls" in self.losses:
             out["kd_cls"] = self.weights["cls"] * self.losses["cls"](student["scores"], t_scores)

@@ -1,14 +1,15 @@
 """The teacher's side of a training batch, one typed object from collate to the distiller.
 
-From a sparse store it holds what the store holds, stacked and cut to the batch's kept anchors:
-anchor indices, int8 head values and feature rows with their scales, background logits. Nothing
-dense exists until the distiller expands it on the student's device. From a dense store or a live teacher it holds whole
-maps.
+From a sparse store it holds what the store holds, packed: the kept slots of every sample one
+after another (anchor indices, int8 head values, feature rows) with one count per sample, and the
+per-sample scales and background logits. A batch's bytes follow the anchors its images kept, not the
+widest image. Nothing dense exists until the distiller lays it out and expands it on the student's
+device. From a dense store or a live teacher it holds whole maps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -27,10 +28,35 @@ class TeacherBatch:
     rows: Tensor | None = None  # sparse features: [B, F, Cmax], the feature vector of index[:, j] at its level, j < F
     rows_scale: Tensor | None = None  # [B, L, Cmax], per level of row_levels
     row_levels: tuple[str, ...] = ()  # the levels rows hold, in rows_scale's order
+    # packed (as collated): index [T], values [T, C] and rows [R, Cmax] hold the kept slots of sample 0, then 1, ...;
+    # counts [B] int32 how many each kept; unpacked() lays them out [B, slots, ...]
+    counts: Tensor | None = None
+    slots: int = 0  # the laid-out slot width: the batch's largest kept count, at least 1
+    row_slots: int = 0  # the store's F: rows exist for the first F slots of each sample
 
     @property
     def sparse(self) -> bool:
         return self.index is not None
+
+    @property
+    def packed(self) -> bool:
+        return self.counts is not None
+
+    def unpacked(self) -> "TeacherBatch":
+        """A packed batch laid out [B, slots, ...] where it lies (index -1 and zeros in unused slots); others as they are."""
+        if self.counts is None:
+            return self
+        b, k = self.counts.shape[0], self.slots
+        kept = torch.arange(k, device=self.counts.device)[None, :] < self.counts.long()[:, None]
+
+        def spread(packed: Tensor, width: int, fill: int) -> Tensor:
+            out = packed.new_full((b, width, *packed.shape[1:]), fill)
+            out[kept[:, :width]] = packed
+            return out
+
+        rows = None if self.rows is None else spread(self.rows, min(self.row_slots, k), 0)
+        return replace(self, index=spread(self.index, k, -1), values=spread(self.values, k, 0), rows=rows,
+                       counts=None, slots=0, row_slots=0)
 
     def _map(self, fn) -> "TeacherBatch":
         out = {}
@@ -62,7 +88,7 @@ class TeacherBatch:
         return out
 
     def head_values(self) -> Tensor:
-        """Sparse: the kept anchors' DFL bins and class logits [B, K, C] as float32 (zero in unused slots)."""
+        """Sparse, laid out: the kept anchors' DFL bins and class logits [B, K, C] as float32 (zero in unused slots)."""
         v = self.values.float()
         return v if self.values_scale is None else v * self.values_scale.float()[:, None, :]
 

@@ -81,31 +81,38 @@ def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor | None:
     return None if arrays[0] is None else torch.from_numpy(np.stack(arrays))
 
 
-def kept_width(samples: list[TeacherSample]) -> int:
-    """The slots a sparse batch needs: up to the last kept anchor of any sample, at least 1."""
-    last = [int(np.flatnonzero(s.index >= 0)[-1]) + 1 if (s.index >= 0).any() else 0 for s in samples]
-    return max(1, *last)
+def kept_count(index: np.ndarray) -> int:
+    """Slots a sparse sample keeps: kept anchors are a prefix of the slots, unused ones are -1."""
+    unused = np.flatnonzero(index < 0)
+    return int(unused[0]) if len(unused) else len(index)
 
 
 def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
-    """One batch's teacher arrays stacked as stored: whole maps for a dense store; for a sparse one
-    [B, K', ...] with K' the batch's widest kept count (kept anchors are a prefix of the slots, so
-    the cut drops unused slots only), and rows [B, min(F, K'), Cmax]."""
+    """One batch's teacher arrays as stored: whole maps stacked for a dense store; for a sparse one
+    packed, the kept slots of each sample one after another (rows: of its first F slots) with their
+    counts, so that a batch carries the anchors its images kept and no padding."""
     first = samples[0]
-    width = kept_width(samples) if first.sparse else None
+    if not first.sparse:
+        return TeacherBatch(
+            head=_stack([s.head for s in samples]),
+            feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
+            feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
+        )
+    counts = [kept_count(s.index) for s in samples]
+    row_slots = 0 if first.rows is None else len(first.rows)
 
-    def cut(arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
-        return arrays if width is None or arrays[0] is None else [a[:width] for a in arrays]
+    def pack(arrays: list[np.ndarray], limit: int) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([a[: min(n, limit)] for a, n in zip(arrays, counts)]))
 
     return TeacherBatch(
-        head=_stack([s.head for s in samples]),
-        feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
-        feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
-        index=_stack(cut([s.index for s in samples])),
-        values=_stack(cut([s.values for s in samples])),
+        index=pack([s.index for s in samples], len(first.index)),
+        values=pack([s.values for s in samples], len(first.index)),
         values_scale=_stack([s.values_scale for s in samples]),
         background=_stack([s.background for s in samples]),
-        rows=_stack(cut([s.rows for s in samples])),
+        rows=pack([s.rows for s in samples], row_slots) if row_slots else None,
         rows_scale=_stack([s.rows_scale for s in samples]),
         row_levels=first.row_levels,
+        counts=torch.tensor(counts, dtype=torch.int32),
+        slots=max(1, *counts),
+        row_slots=row_slots,
     )
