@@ -151,11 +151,12 @@ def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
     return save_checkpoint_from_yaml(cfg, data_names(data_yaml), path)
 
 
-KEPT_HELP = ("anchors every image keeps in the sparse head: the dump runs with --head-topk N --head-floor 0. A teacher "
-             "with random weights scores every anchor below the default floor (0.005) and would keep none, so its store "
-             "would cost less than a trained teacher's. Default: the typical image, the share of anchors a trained teacher "
-             "kept under the default rule at 640 px (results/topk.json: 135 of 8,400) applied to this image size; 512, the "
-             "default cap, is the most the default store holds (an upper bound); 0: the dump's own defaults")
+KEPT_HELP = ("anchors a typical image keeps in the default store (cap 512, floor 0.005). A teacher with random weights "
+             "scores every anchor below the floor and would keep none, and its vanishing features compress unlike a "
+             "trained teacher's; so its batch norms are set from the data and its class biases shifted until an image "
+             "keeps N anchors on average (calibrate_teacher). Default: the share of anchors a trained teacher kept at 640 px "
+             "(results/topk.json: 135 of 8,400) at this image size. 512 (the cap) or more: every image keeps 512, dumped "
+             "with --head-floor 0, an upper bound on bytes and time. 0: the raw random teacher")
 
 
 def add_kept_arg(parser) -> None:
@@ -175,24 +176,110 @@ def typical_kept(imgsz: int = 640) -> int:
 
     name = f"floor{str(DEFAULT_HEAD_FLOOR).lstrip('0')}-cap{DEFAULT_HEAD_TOPK}"
     path = RESULTS / "topk.json"
-    found = json.loads(path.read_text())["candidates"].get(name) if path.is_file() else None
+    d = json.loads(path.read_text()) if path.is_file() else {"candidates": {}}
+    found = d["candidates"].get(name)
     if not found:
         raise SystemExit(f"{path} has no {name} candidate: run benchmarks/topk.py, or give --kept")
-    d = json.loads(path.read_text())
-    share = found["kept_anchors"]["mean"] / d["anchors"]
-    return max(1, round(share * anchors(imgsz)))
+    return max(1, round(found["kept_anchors"]["mean"] / d["anchors"] * anchors(imgsz)))
 
 
-def kept_options(kept: int | None, imgsz: int) -> dict:
-    """Dump options that make every image keep `kept` anchors (None: typical_kept(imgsz); 0: the dump's defaults);
-    feature rows as the default, at most 64."""
-    if kept is None:
-        kept = typical_kept(imgsz)
-    if not kept:
-        return {}
-    from softlabel.dump import DEFAULT_FEATURE_ROWS
+def make_kept_teacher(cfg: str, data_yaml: Path, path: Path, imgsz: int, kept: int | None) -> tuple[Path, dict | None]:
+    """make_teacher, calibrated (calibrate_teacher) to `kept` anchors on a typical image: None, or the cap and more,
+    to typical_kept(imgsz); 0: not calibrated."""
+    from softlabel.dump import DEFAULT_HEAD_TOPK
 
-    return dict(head_topk=kept, head_floor=0.0, feature_rows=min(DEFAULT_FEATURE_ROWS, kept))
+    make_teacher(cfg, data_yaml, path)
+    if kept == 0:
+        return path, None
+    target = typical_kept(imgsz) if kept is None or kept >= DEFAULT_HEAD_TOPK else kept
+    return path, calibrate_teacher(path, data_yaml, imgsz, target)
+
+
+def kept_dump_options(kept: int | None) -> dict:
+    """The dump's options beside its defaults: --head-floor 0 when every image is to keep the cap."""
+    from softlabel.dump import DEFAULT_HEAD_TOPK
+
+    return {"head_floor": 0.0} if kept and kept >= DEFAULT_HEAD_TOPK else {}
+
+
+def kept_stats(store: str) -> dict:
+    """Anchors the images of a sparse store's first view kept: mean, min, max."""
+    import zarr
+
+    kept = (zarr.open_group(store, mode="r")["v0/head/index"][:] >= 0).sum(1)
+    return {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max())}
+
+
+@torch.no_grad()
+def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images: int = 16) -> dict:
+    """Set a random-weight teacher's batch-norm statistics from the data, scale its class-logit convolutions to a
+    spread of about one unit between anchors, then shift their biases by one constant, so that the first `images`
+    training images (their first mosaic view) keep `kept` anchors above the dump's default floor on average;
+    rewrites the checkpoint (float32).
+
+    A random head scores every anchor near its prior (about 1e-4), below the floor, so a default store of it keeps
+    no anchor and costs less to write, read and distil than a trained teacher's; its vanishing features and constant
+    logits compress far better than a trained teacher's too. The rank of anchors within an image is kept."""
+    import numpy as np
+
+    from softlabel.augment import load_augment
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.replay import Replay, View
+    from softlabel.dump import DEFAULT_HEAD_FLOOR
+    from softlabel.select import logit
+    from softlabel.teacher import Teacher
+
+    # the first mosaic view of the first images, replayed as the dump replays them (default augmentation, seed 0)
+    index = build_index(load_data_yaml(data_yaml), "train", check_images=False)
+    replay = Replay(index, load_augment(None), imgsz, 0)
+    x = np.stack([replay(i, View("v", 0)).image for i in range(min(images, len(index)))])
+    x = torch.from_numpy(x[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255
+
+    def best_logits(teacher: Teacher) -> torch.Tensor:  # [B, A]: each anchor's best class logit, sorted descending
+        head = torch.cat([h.flatten(2) for h in teacher(x).head], 2)
+        return head[:, 4 * teacher.info.reg_max :].float().amax(1).sort(1, descending=True).values
+
+    floor = float(logit(torch.tensor(DEFAULT_HEAD_FLOOR)))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = ckpt["model"].float()
+    last = [branch[-1] for branch in model.model[-1].cv3]  # the class-logit convolutions, one per level
+    # freshly initialised batch norms shrink the signal layer by layer (neck features of about 1e-7, every anchor's
+    # logits equal to the bias): set their statistics from these images, as a trained network's are set from its data
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batch
+    model.train()
+    model(x)
+    model.eval()
+    ckpt["model"] = model
+    torch.save(ckpt, path)
+    # widen the class logits to about one unit between anchors, so that a threshold cuts between anchors rather than
+    # between whole levels (each level's prior bias differs)
+    teacher = Teacher.load(path)
+    head = [h.float()[:, 4 * teacher.info.reg_max :] for h in teacher(x).head]
+    spread = float(torch.stack([h.flatten(2).std(2).mean() for h in head]).mean())
+    for conv in last:
+        conv.weight *= 1.0 / max(spread, 1e-6)
+    ckpt["model"] = model
+    torch.save(ckpt, path)
+    scores = best_logits(Teacher.load(path))
+    from softlabel.dump import DEFAULT_HEAD_TOPK
+
+    def mean_kept(shift: float) -> float:
+        return float((scores + shift >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float().mean())
+
+    lo, hi = floor - float(scores.max()) - 1, floor - float(scores.min()) + 1  # none kept, every slot kept
+    for _ in range(60):  # the mean kept count grows with the shift: bisect for the target
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_kept(mid) < kept else (lo, mid)
+    shift = hi
+    for conv in last:
+        conv.bias += shift
+    torch.save(ckpt, path)  # float32: rounding to float16 would move whole bands of near-equal logits across the floor
+    counts = (best_logits(Teacher.load(path)) >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float()
+    return {"kept_target": kept, "weight_scale": 1.0 / max(spread, 1e-6), "bias_shift": shift, "images": len(x),
+            "kept_mean": float(counts.mean()), "kept_min": float(counts.min()), "kept_max": float(counts.max())}
 
 
 def sync(device: torch.device) -> None:

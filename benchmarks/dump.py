@@ -68,7 +68,7 @@ def prepare_inputs(args, tmp: Path) -> tuple[Path, Path]:
     else:
         data = common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed, nc=args.nc)
     if not args.teacher:
-        return data, common.make_teacher(args.teacher_cfg, data, tmp / "teacher.pt")
+        return data, common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept)[0]
     teacher = Path(args.teacher)
     if not args.data:
         # a real teacher predicts its own classes: the toy labels (ids 0-2) stay valid under its names
@@ -116,7 +116,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
     # the dump's defaults (int8, sparse head), then every codec x precision with a dense head
-    options: dict[str, dict] = {DEFAULT: common.kept_options(args.kept, args.imgsz)}
+    options: dict[str, dict] = {DEFAULT: {} if args.teacher else common.kept_dump_options(args.kept)}
     for codec in [] if args.default_only else codecs:
         for precision in PRECISIONS:
             options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0, feature_layout="dense")

@@ -212,17 +212,22 @@ def main() -> None:
     cuda = device.type == "cuda"
     tmp = Path(tempfile.mkdtemp(prefix="softlabel-readbench-"))
     try:
+        calibration = None
         if args.cache:
             store, data = args.cache, args.data
         else:
             data = str(common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed, nc=args.nc))
-            teacher = args.teacher or common.make_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt")
+            if args.teacher:
+                teacher = args.teacher
+            else:
+                teacher, calibration = common.make_kept_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt", args.imgsz, args.kept)
             store = str(tmp / "cache.zarr")
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
             run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, device=args.device, workers=args.dump_workers, seed=args.seed,
-                                  progress=False, **common.kept_options(args.kept, args.imgsz)))
+                                  progress=False, **({} if args.teacher else common.kept_dump_options(args.kept))))
         attrs = read_attrs(store)
+        kept = common.kept_stats(store) if attrs["storage"].get("head_sparse") else None
         if args.threads:
             torch.set_num_threads(args.threads)
         elif device.type == "cpu":
@@ -276,6 +281,8 @@ def main() -> None:
         "teacher_bytes_per_sample": teacher_bytes,
         "images_held_decoded": {"replay_cache": replay_cache_images, "ultralytics_buffer": min(n, args.batch * 8, 1000),
                                 "dataset": n, "replay_mosaic_group": int(attrs["augment"].get("mosaic_group", 0))},
+        "kept_anchors": kept,  # per image, in the store read
+        "teacher_calibration": calibration,
         "note": args.note,
     }
     out = common.write_json(args.out, result)

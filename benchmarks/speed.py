@@ -110,17 +110,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="softlabel-speed-"))
     try:
         data = common.make_data(tmp / "data", args.images, args.val_images, args.imgsz, seed=args.seed, nc=args.nc)
-        teacher = common.make_teacher(args.teacher_cfg, data, tmp / "teacher.pt")
+        teacher, calibration = common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept)
         store = tmp / "cache.zarr"
         ctx = {"data": data, "teacher": teacher, "store": store, "cuda": cuda}
 
         # the one-time cost: one teacher pass over every view, written to the cache
         settings = DumpSettings(teacher=str(teacher), data=str(data), out=str(store), views=args.views, close_views=0,
                                 imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.dump_workers,
-                                seed=args.seed, progress=False, **common.kept_options(args.kept, args.imgsz))
+                                seed=args.seed, progress=False, **common.kept_dump_options(args.kept))
         with common.Timer() as t:
             run_dump(settings)
         dump_seconds = t.seconds
+        kept = common.kept_stats(str(store)) if settings.head_topk else None
         threads = {"dump": torch.get_num_threads()}
         print(f"dump: {dump_seconds:.1f} s for {args.images * args.views} sample-views", flush=True)
 
@@ -171,6 +172,8 @@ def main() -> None:
         "per_repeat": per_repeat,
         "ratios": ratios,
         "dump_seconds": dump_seconds,
+        "kept_anchors": kept,  # per image, in the store the offline runs read
+        "teacher_calibration": calibration,
         "torch_threads": threads,
         "break_even_runs": {"online": break_even("online"), "ultralytics": break_even("ultralytics")},
         "targets": {k: {"op": op, "value": v, "pass": _meets(ratios[k], op, v)} for k, (op, v) in TARGETS.items()},

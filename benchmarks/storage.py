@@ -76,9 +76,10 @@ def parse_args() -> argparse.Namespace:
                    help="measure the dump's default store at the operating point instead (640 px, 80 classes, a yolov8x "
                         "built from yaml, --images drawn images) and update 'default' in --out; nothing is scaled")
     p.add_argument("--kept-640", default=None,
-                   help="with --at-640: comma-separated anchors every image keeps (--head-topk N --head-floor 0, as a random "
-                        "teacher keeps none above the floor); the first becomes 'default' (default: the mean a trained "
-                        "teacher kept under the default rule in results/topk.json, then the cap 512)")
+                   help="with --at-640: comma-separated kept anchors; the random teacher is calibrated so that the median "
+                        "image keeps the first (see benchmarks/common.py calibrate_teacher), which becomes 'default'; a "
+                        "value of 512 (the cap) dumps with --head-floor 0, every image keeping 512 (default: the mean a "
+                        "trained teacher kept under the default rule in results/topk.json, then 512)")
     p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="with --at-640: the teacher yaml (default: yolov8x.yaml)")
     return p.parse_args()
 
@@ -215,15 +216,16 @@ def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: in
     out = str(work / f"kept{kept}.zarr")
     t = time.perf_counter()
     done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
-                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_options(kept, 640)))
+                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_dump_options(kept)))
     dump_rate = done.samples_done / (time.perf_counter() - t)
     info = summarize(out)
     per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
     other = sum(v for k, v in per.items() if not k.split("/")[0].split("_")[0] in ("head", "feat"))
     fidelity = _fidelity(out, teacher_pt, data_yaml, args.student, min(args.fidelity_samples, args.images))
+    stats = common.kept_stats(out)
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "kept_anchors": kept,
+        "kept_anchors": stats,  # per image, in this store
         "head_bytes_per_sample_view": totals["head"],
         "feat_bytes_per_sample_view": totals["feat"],
         "other_bytes_per_sample_view": other,  # fingerprints, done flags
@@ -235,8 +237,8 @@ def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: in
         "host_bytes_per_sample_view": done.host_bytes_per_sample_view,
         "bytes_per_tensor": per,
         "dump_sample_views_per_sec": dump_rate,
-        "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights)", "images": args.images,
-                     "dump_options": {"precision": "int8", **common.kept_options(kept, 640)}, **common.header("cpu")},
+        "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights, calibrated)", "images": args.images,
+                     "dump_options": common.kept_dump_options(kept) or "the dump's defaults", **common.header("cpu")},
     }
 
 
@@ -250,8 +252,10 @@ def measure_640(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
     try:
         data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
-        teacher_pt = common.make_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt")
+        teacher_pt, calibration = common.make_kept_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt", 640, kept[0])
         stores = {k: _measure_store(args, work, data_yaml, teacher_pt, k) for k in dict.fromkeys(kept)}
+        for v in stores.values():
+            v["teacher_calibration"] = calibration
     finally:
         shutil.rmtree(work, ignore_errors=True)
     default = stores[kept[0]]
@@ -259,8 +263,9 @@ def measure_640(args) -> None:
     payload = json.loads(path.read_text()) if path.is_file() else {}
     payload.update(default=default, default_name=DUMP_DEFAULT, coco_train2017_4_views_bytes=default["coco_train2017_4_views_bytes"],
                    default_by_kept={str(k): v for k, v in stores.items()},
-                   default_measured_at=f"640 px, 80 classes, measured, not scaled; every image keeps {kept[0]} anchors "
-                                       "(the mean a trained teacher kept under the default rule, topk.json)")
+                   default_measured_at=f"640 px, 80 classes, measured, not scaled; the random teacher calibrated so that the "
+                                       f"median image keeps {kept[0]} anchors (the mean a trained teacher kept under the "
+                                       "default rule, topk.json) and the dump's defaults")
     common.write_json(path, payload)
     tensors = sorted({t for v in stores.values() for t in v["bytes_per_tensor"]})
     rows = [[t] + [v["bytes_per_tensor"].get(t, 0) / 1e3 for v in stores.values()] for t in tensors]
@@ -268,13 +273,13 @@ def measure_640(args) -> None:
     footer = []
     for k, v in stores.items():
         total, coco = v["total_bytes_per_sample_view"], v["coco_train2017_4_views_bytes"]
-        footer.append(f"{k} kept: {total / 1e6:.4f} MB per sample-view ({common.verdict(total <= 0.1e6)} <= 0.1 MB), "
+        footer.append(f"{k} kept (mean {v['kept_anchors']['mean']:.0f}, {v['kept_anchors']['min']}-{v['kept_anchors']['max']}): {total / 1e6:.4f} MB per sample-view ({common.verdict(total <= 0.1e6)} <= 0.1 MB), "
                       f"COCO train2017 x {COCO_VIEWS} views {coco / 1e9:.1f} GB ({common.verdict(coco <= 50e9)} <= 50 GB), "
                       f"copied from the teacher's device {v['host_bytes_per_sample_view'] / 1e6:.4f} MB, "
                       f"dump {v['dump_sample_views_per_sec']:.2f} sample-views/s")
     footer.append(f"written to {path}")
     print(common.table(["tensor"] + [f"kB, {k} kept" for k in stores], rows,
-                       title=f"default store at 640 px, 80 classes, {args.teacher_cfg} (random weights), {args.images} images",
+                       title=f"default store at 640 px, 80 classes, {args.teacher_cfg} (random weights, calibrated), {args.images} images",
                        footer=footer))
 
 
