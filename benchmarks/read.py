@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="passes over the dataset per worker count (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed student steps, after 2 untimed warm-up steps (default: 5)")
     p.add_argument("--student", default="yolov8n.yaml", help="student model yaml (default: yolov8n.yaml)")
-    p.add_argument("--teacher-cfg", default=None, help="teacher yaml for the cache, random weights (default: yolov8x.yaml; yolov8n.yaml with --quick)")
+    p.add_argument("--teacher-cfg", default=None, help="teacher yaml for the cache, random weights, calibrated (--kept) (default: yolov8x.yaml; yolov8n.yaml with --quick)")
     p.add_argument("--teacher", default=None, help="a teacher checkpoint (.pt) for the dump instead of --teacher-cfg (its nc must match the data)")
     p.add_argument("--cache", default=None, help="read an existing cache store instead of dumping one (needs --data, the data it was dumped from)")
     p.add_argument("--data", default=None, help="data.yaml of --cache")

@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the four modes; medians are reported (default: 3)")
     p.add_argument("--views", type=int, default=1, help="mosaic views in the cache, cycled the same way online (default: 1)")
     p.add_argument("--student", default="yolov8n.yaml", help="student model yaml (default: yolov8n.yaml)")
-    p.add_argument("--teacher-cfg", default=None, help="teacher model yaml, built with random weights (default: yolov8x.yaml; yolov8n.yaml with --quick)")
+    p.add_argument("--teacher-cfg", default=None, help="teacher model yaml, built with random weights and calibrated (--kept) (default: yolov8x.yaml; yolov8n.yaml with --quick)")
     p.add_argument("--device", default="cpu", help="cpu, 0, 1, ... for teacher and students; AMP is used on CUDA only (default: cpu)")
     p.add_argument("--workers", type=int, default=2, help="training DataLoader workers; Ultralytics uses 0 on CPU (default: 2)")
     p.add_argument("--dump-workers", type=int, default=1, help="DataLoader workers replaying augmentations for the dump (default: 1)")
@@ -195,7 +195,7 @@ def main() -> None:
         f"torch threads: dump {threads['dump']}, training {threads.get('train', '-')} (Ultralytics' choice on CPU)",
         f"written to {out}",
     ]
-    title = (f"student {args.student}, teacher {args.teacher_cfg} (random weights), {args.images} images at imgsz {args.imgsz}, "
+    title = (f"student {args.student}, teacher {args.teacher_cfg} (random weights{', calibrated' if calibration else ''}), {args.images} images at imgsz {args.imgsz}, "
              f"batch {args.batch}, {args.epochs} epochs, medians of {args.repeats}, device {args.device}")
     print()
     print(common.table(["mode", "s/epoch", "images/s", "x offline", "per repeat s/epoch"], rows, title, footer))
