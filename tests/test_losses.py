@@ -360,3 +360,43 @@ def test_unknown_config_name_is_refused():
     with pytest.raises(UserError, match="not found"):
         load_distill("missing/acurate.yaml")
     assert load_augment("default") == load_augment(None)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_bce_from_kept_anchors_equals_bce_on_the_expanded_teacher(temperature):
+    """The sparse form never builds the dense teacher; value and student gradient equal the dense loss's."""
+    from softlabel.distill.teacherbatch import TeacherBatch
+
+    gen = torch.Generator().manual_seed(0)
+    b, nc, a, k = 3, 5, 40, 7
+    index = torch.full((b, k), -1, dtype=torch.int32)
+    for i, n in enumerate([7, 2, 0]):  # full, part-used and empty slot rows
+        index[i, :n] = torch.randperm(a, generator=gen)[:n].to(torch.int32)
+    kept = torch.randn((b, k, nc), generator=gen) * 4
+    background = torch.randn((b, nc), generator=gen) - 5
+    reg = 2
+    values = torch.cat([torch.randn((b, k, 4 * reg), generator=gen), kept], 2)
+    dense = TeacherBatch(index=index, values=values, background=background).class_logits(4 * reg, a)
+    loss = build_loss("bce", temperature=temperature)
+    assert LOSSES["bce"].sparse_teacher and not LOSSES["kl_cls"].sparse_teacher
+    s1 = (torch.randn((b, nc, a), generator=gen) * 3).requires_grad_()
+    s2 = s1.detach().clone().requires_grad_()
+    want, got = loss(s1, dense), loss.forward_sparse(s2, index, kept, background)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    want.backward()
+    got.backward()
+    assert torch.allclose(s1.grad, s2.grad, rtol=1e-4, atol=1e-9)
+    # a student equal to the expanded teacher: zero, up to rounding
+    assert abs(float(loss.forward_sparse(dense.clone(), index, kept, background))) < 1e-5
+    with pytest.raises(ValueError, match="unweighted"):
+        build_loss("bce", confidence_weighted=True).forward_sparse(s2, index, kept, background)
+
+
+def test_sparse_teacher_is_declared_only_by_class_losses_with_a_sparse_form():
+    from softlabel.distill.losses import register
+
+    with pytest.raises(ValueError, match="forward_sparse"):
+        @register("mse_sparse_without_form", sparse_teacher=True)
+        class NoForm(torch.nn.Module):
+            target = "cls"
+    assert "mse_sparse_without_form" not in LOSSES

@@ -81,13 +81,29 @@ class Distiller(nn.Module):
         zero = student["scores"].new_zeros(())
         if self.factor == 0:
             return {name: zero for name in self.item_names}
-        # a sparse teacher is laid out and expanded here, on the student's device: background logits everywhere,
-        # the kept anchors scattered in
+        # a packed teacher is laid out here, on the student's device; its dense class logits (background everywhere,
+        # the kept anchors scattered in) are expanded only for a term that cannot use the kept anchors as they are
         teacher = teacher.unpacked()
-        t_scores = teacher.class_logits(box_ch, student["scores"].shape[2])
+        anchors = student["scores"].shape[2]
+        dense: dict[str, Tensor] = {}
+
+        def t_scores() -> Tensor:  # the teacher's class logits [B, nc, A], expanded once and only when a term needs them
+            if "scores" not in dense:
+                dense["scores"] = teacher.class_logits(box_ch, anchors)
+            return dense["scores"]
+
+        def t_conf() -> Tensor:  # its best class probability per anchor [B, A]
+            if "conf" not in dense:
+                dense["conf"] = t_scores().sigmoid().amax(1)
+            return dense["conf"]
+
         if "cls" in self.losses:
-            out["kd_cls"] = self.weights["cls"] * self.losses["cls"](student["scores"], t_scores)
-        t_conf = t_scores.sigmoid().amax(1) if self.needs_confidence else None
+            loss = self.losses["cls"]
+            if teacher.sparse and loss.sparse_teacher and not loss.confidence_weighted:
+                kept = teacher.head_values()[:, :, box_ch:]
+                out["kd_cls"] = self.weights["cls"] * loss.forward_sparse(student["scores"], teacher.index, kept, teacher.background)
+            else:
+                out["kd_cls"] = self.weights["cls"] * loss(student["scores"], t_scores())
         if "box" in self.losses:
             loss = self.losses["box"]
             weighted = getattr(loss, "confidence_weighted", False)
@@ -96,24 +112,27 @@ class Distiller(nn.Module):
                 b, j = (teacher.index >= 0).nonzero(as_tuple=True)
                 a = teacher.index[b, j].long()
                 s_boxes = student["boxes"][b, :, a].T[None]
-                t_boxes = teacher.head_values()[b, j, :box_ch].T[None]
-                weight = t_conf[b, a][None] if weighted else None
+                kept = teacher.head_values()[b, j]
+                t_boxes = kept[:, :box_ch].T[None]
+                # a kept anchor's confidence is its own logits' (what the expanded dense teacher holds there)
+                weight = kept[:, box_ch:].sigmoid().amax(1)[None] if weighted else None
             else:
                 s_boxes, t_boxes = student["boxes"], teacher.head[:, :box_ch].float()
-                weight = t_conf if weighted else None
+                weight = t_conf() if weighted else None
             if s_boxes.shape[2] == 0:  # no kept anchor in the batch: nothing to distil, and no NaN from an empty mean
                 out["kd_box"] = student["boxes"].sum() * 0.0
             else:
                 out["kd_box"] = self.weights["box"] * loss(s_boxes, t_boxes, weight)
         if self.feat_levels:
             s_feats = [student["feats"][student_levels.index(lvl)] for lvl in self.feat_levels]
-            conf = self._level_confidence(t_conf, student["feats"], student_levels) if t_conf is not None else None
-            if self.positions is None:
-                terms, mass = self._feature_maps(s_feats, teacher, conf)
-            elif teacher.rows is not None:
+            if self.positions is not None and teacher.rows is not None:
                 terms, mass = self._feature_stored_rows(s_feats, teacher, box_ch, student["feats"], student_levels)
             else:
-                terms, mass = self._feature_rows(s_feats, teacher, t_scores.amax(1), conf, student["feats"], student_levels)
+                conf = self._level_confidence(t_conf(), student["feats"], student_levels) if self.needs_confidence else None
+                if self.positions is None:
+                    terms, mass = self._feature_maps(s_feats, teacher, conf)
+                else:
+                    terms, mass = self._feature_rows(s_feats, teacher, t_scores().amax(1), conf, student["feats"], student_levels)
             if mass is not None and self.level_balance == "confidence":
                 share = mass / mass.sum().clamp_min(1e-12)
             else:
