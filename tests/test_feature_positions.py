@@ -260,3 +260,17 @@ def test_collate_packs_the_kept_anchors_and_the_terms_stay_the_same(rows):
         for key in a:
             assert torch.equal(a[key], b[key]), (key, width, float(a[key]), float(b[key]))
     assert float(d(student, stack_teacher(samples), LEVELS)["kd_feat"].detach()) > 0
+
+
+def test_a_sparse_head_with_whole_feature_maps_collates_both():
+    """--features dense with a sparse head: collate packs the head and keeps the maps, and a feature term on every
+    position reads them as from a dense store."""
+    student, teacher = _inputs(seed=5, batch=3)
+    samples = _samples(teacher, _layout("int8", topk=12, features="dense"))
+    packed = stack_teacher(samples)
+    assert packed.packed and set(packed.feats) == set(LEVELS) and packed.rows is None
+    assert all(packed.feats[lvl].shape[0] == 3 and packed.feats[lvl].dtype == torch.int8 for lvl in LEVELS)
+    dense = stack_teacher(_samples(teacher, _layout("int8")))
+    # unweighted, so that the sparse head's background (the confidence elsewhere) does not enter the term
+    d = _distiller(positions="all", confidence_weighted=False, level_balance="equal")
+    assert torch.equal(d(student, packed, LEVELS)["kd_feat"], d(student, dense, LEVELS)["kd_feat"])

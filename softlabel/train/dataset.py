@@ -92,12 +92,13 @@ def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
     packed, the kept slots of each sample one after another (rows: of its first F slots) with their
     counts, so that a batch carries the anchors its images kept and no padding."""
     first = samples[0]
+    # whole feature maps (a dense store, or a sparse head with --features dense) are stacked as they are
+    maps = dict(
+        feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
+        feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
+    )
     if not first.sparse:
-        return TeacherBatch(
-            head=_stack([s.head for s in samples]),
-            feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
-            feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
-        )
+        return TeacherBatch(head=_stack([s.head for s in samples]), **maps)
     counts = [kept_count(s.index) for s in samples]
     row_slots = 0 if first.rows is None else len(first.rows)
 
@@ -115,4 +116,5 @@ def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
         counts=torch.tensor(counts, dtype=torch.int32),
         slots=max(1, *counts),
         row_slots=row_slots,
+        **maps,
     )
