@@ -174,6 +174,10 @@ def ensure_teacher(run: Path, model: str, epochs: int, recipe: Recipe, seed: int
 
     wanted = {"format": MANIFEST_FORMAT, "model": model, "epochs": epochs, "seed": seed, "data": data_id,
               "recipe": recipe.identity()}
+    if Path(model).is_file():  # training on from a checkpoint: a retrained checkpoint at the same path is another start
+        from softlabel.teacher import file_sha256
+
+        wanted["model_sha256"] = file_sha256(Path(model))
     manifest = run / "teacher.json"
     if manifest_matches(manifest, wanted) and weights_of(run).is_file():
         echo(f"{role}: reused {weights_of(run)} ({model}, {epochs} epochs)")

@@ -116,3 +116,30 @@ def test_quick_demo_runs_then_reuses_dataset_teacher_and_cache(tmp_path):
     assert result["made"] == {"dataset": "built", "teacher": "trained", "cache": "written"}
     assert again["wall_seconds"] < result["wall_seconds"]
     assert again["teacher"]["map50_95"] == pytest.approx(result["teacher"]["map50_95"])
+
+
+def test_a_model_trained_on_from_a_checkpoint_is_retrained_when_that_checkpoint_changes(tmp_path, monkeypatch):
+    import softlabel.train
+    from softlabel.demo import Recipe, ensure_teacher
+
+    starts: list[str] = []
+
+    class FakeYolo:
+        def train(self, project: str, name: str, **_):
+            (Path(project) / name / "weights").mkdir(parents=True, exist_ok=True)
+            (Path(project) / name / "weights" / "best.pt").write_bytes(b"trained")
+
+    def fake_resolve(model: str) -> FakeYolo:
+        starts.append(model)
+        return FakeYolo()
+
+    monkeypatch.setattr(softlabel.train, "resolve_student", fake_resolve)
+    pretrained = tmp_path / "pretrained.pt"
+    pretrained.write_bytes(b"first pretraining")
+    args = (tmp_path / "teacher", str(pretrained), 2, Recipe(imgsz=64, batch=8), 0, tmp_path / "data.yaml", {"id": 1})
+    ensure_teacher(*args, echo=lambda _: None)
+    ensure_teacher(*args, echo=lambda _: None)
+    assert starts == [str(pretrained)]  # same start, same settings: reused
+    pretrained.write_bytes(b"second pretraining")  # same path, other weights
+    ensure_teacher(*args, echo=lambda _: None)
+    assert starts == [str(pretrained)] * 2
