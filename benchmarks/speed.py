@@ -176,7 +176,9 @@ def main() -> None:
         "teacher_calibration": calibration,
         "torch_threads": threads,
         "break_even_runs": {"online": break_even("online"), "ultralytics": break_even("ultralytics")},
-        "targets": {k: {"op": op, "value": v, "pass": _meets(ratios[k], op, v)} for k, (op, v) in TARGETS.items()},
+        # a ratio whose modes were not run (--modes) is not measured: pass is None, not False
+        "targets": {k: {"op": op, "value": v, "pass": None if ratios[k] is None else _meets(ratios[k], op, v)}
+                    for k, (op, v) in TARGETS.items()},
     }
     out = common.write_json(args.out, result)
 
@@ -186,11 +188,13 @@ def main() -> None:
                      " ".join(f"{s:.2f}" for s in per_repeat[m]["sec_per_epoch"])])
     be = result["break_even_runs"]
     footer = [
-        f"dump (one-time cost): {dump_seconds:.1f} s; break-even vs online: {_runs(be['online'])}, "
-        f"vs ultralytics: {_runs(be['ultralytics'])} student runs of {args.epochs} epochs",
+        f"dump (one-time cost): {dump_seconds:.1f} s; break-even vs online: {_runs(be['online'], 'online' in modes)}, "
+        f"vs ultralytics: {_runs(be['ultralytics'], 'ultralytics' in modes)} student runs of {args.epochs} epochs",
     ]
     for k, (op, v) in TARGETS.items():
-        footer.append(f"{common.verdict(result['targets'][k]['pass'])}  {k} = {_fmt(ratios[k])} (target {op} {v})")
+        ok = result["targets"][k]["pass"]
+        footer.append(f"{'----' if ok is None else common.verdict(ok)}  {k} = {_fmt(ratios[k])} (target {op} {v})"
+                      + (" not measured: a mode it compares was not run" if ok is None else ""))
     footer += [
         f"torch threads: dump {threads['dump']}, training {threads.get('train', '-')} (Ultralytics' choice on CPU)",
         f"written to {out}",
@@ -211,7 +215,9 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _runs(x: float | None) -> str:
+def _runs(x: float | None, ran: bool = True) -> str:
+    if not ran:
+        return "not run"
     return "never (no saving)" if x is None else f"{x:.2f}"
 
 
