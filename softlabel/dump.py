@@ -43,7 +43,7 @@ class DumpSettings:
     teacher: str
     data: str
     out: str
-    views: int = 1
+    views: int = 8  # see the CLI's --views
     close_views: int = 1
     imgsz: int = 640
     batch: int = 16

@@ -58,6 +58,21 @@ def test_view_plan_cycles_views_and_closes_at_the_end():
     assert [plan.closing(e) for e in range(6)] == [False] * 4 + [True] * 2
 
 
+def test_views_advice_warns_only_past_the_measured_replays_per_view():
+    from softlabel.train.plan import FIT_REPLAYS, views_advice
+
+    # Ultralytics' default schedule on the dump's default views: 90 mosaic epochs over 8 views, 11.25 replays
+    assert ViewPlan(epochs=100, close_mosaic=10, views=8, close_views=1).replays_per_view == 11.25
+    assert views_advice(ViewPlan(epochs=100, close_mosaic=10, views=8, close_views=1)) is None
+    one = ViewPlan(epochs=100, close_mosaic=10, views=1, close_views=1)
+    advice = views_advice(one)
+    assert advice is not None and "90.0 times" in advice and f"--views {-(-90 // FIT_REPLAYS)} or more" in advice
+    edge = ViewPlan(epochs=FIT_REPLAYS * 2, close_mosaic=0, views=2, close_views=0)
+    assert edge.mosaic_epochs == FIT_REPLAYS * 2 and views_advice(edge) is None
+    assert views_advice(ViewPlan(epochs=FIT_REPLAYS * 2 + 1, close_mosaic=0, views=2, close_views=0)) is not None
+    assert ViewPlan(epochs=5, close_mosaic=10, views=1, close_views=1).mosaic_epochs == 0  # every epoch closes
+
+
 def test_sampler_carries_the_epoch_and_is_deterministic():
     s = EpochSampler(10, seed=3)
     e0, e1 = list(s), list(s)

@@ -49,7 +49,7 @@ def test_cli_twice_and_missing_data(tmp_path):
 
 def test_arguments_reach_the_trainer_and_data_comes_from_the_cache(tmp_path, dataset, teacher):
     out = tmp_path / "c.zarr"
-    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", out, "--imgsz", 64, "--batch", 4, "--quiet")
+    r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", out, "--imgsz", 64, "--batch", 4, "--views", 1, "--quiet")
     assert r.exit_code == 0, r.output
     r = run_cli("train", "--student", "yolov8n.yaml", "--cache", out, "--batch", 4, "--device", "cpu", "--distill", "logits_only",
                 "epochs=1", "close_mosaic=0", "lr0=0.0123", "optimizer=AdamW", "cos_lr=True", "nbs=4", "warmup_epochs=0",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from ultralytics.data.build import InfiniteDataLoader
 from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from softlabel.augment import AugmentConfig, load_augment
@@ -30,7 +31,7 @@ from softlabel.teacher import Teacher, level_name
 from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch
 from softlabel.train.criterion import DistillLoss
 from softlabel.train.dataset import DistillDataset
-from softlabel.train.plan import ViewPlan
+from softlabel.train.plan import ViewPlan, views_advice
 from softlabel.train.sampler import EpochSampler
 
 DISTILL_STATE = "distill_state.pt"
@@ -51,7 +52,7 @@ class DistillTrainer(DetectionTrainer):
     distill_config: str | None = None
     replay_seed: int = 0  # online mode; a cache carries its own
     augment_config: str | None = None  # online mode
-    views: int = 1  # online mode
+    views: int = 8  # online mode, as a dump's default
     close_views: int = 1  # online mode
     teacher_half: bool | None = None  # online mode: float16 teacher on CUDA; None follows the student's amp
 
@@ -106,6 +107,9 @@ class DistillTrainer(DetectionTrainer):
                 "(dump with --close-views 1 or more, or train with --close-mosaic 0)"
             )
         self.plan = ViewPlan(self.epochs, int(self.args.close_mosaic), views, close_views)
+        advice = views_advice(self.plan)
+        if advice and RANK in {-1, 0}:
+            LOGGER.warning(f"{self.cache or self.teacher_path}: {advice}")
 
     def build_dataset(self, img_path, mode="train", batch=None):
         if mode != "train":
