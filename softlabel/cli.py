@@ -74,7 +74,7 @@ def main() -> None:
 @click.option("--teacher", required=True, help="Ultralytics detection checkpoint (.pt) of the teacher, e.g. yolov8x.pt.")
 @click.option("--data", required=True, help="Ultralytics data.yaml; its 'train' split is replayed and cached.")
 @click.option("--out", required=True, help="Cache store to write: a folder (cache.zarr) or an fsspec URL (s3://..., memory://...).")
-@click.option("--views", default=8, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. A student learns from about 14 replays of each view and then fits them: give at least (epochs - close_mosaic) / 14 (8 suits Ultralytics' 100 epochs). Each view adds a teacher pass and its bytes.")
+@click.option("--views", default=8, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. Past about 14 replays of each view a student fits the cached outputs instead of learning from them: give at least (epochs - close_mosaic) / 14 (8 suits Ultralytics' 100 epochs). Each view adds a teacher pass and its bytes.")
 @click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
 @click.option("--imgsz", default=640, show_default=True, callback=_imgsz, help="Square input size of teacher and students (multiple of 32).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Teacher batch size.")
