@@ -314,11 +314,14 @@ def main() -> None:
 
     init: dict[str, Path] = {}
     pretrain: dict | None = None
+    # the source task, prepared once for whichever of student and teacher pretrain on it
+    teacher_pretrains = finetune and bool(args.teacher_pretrain_epochs) and not args.teacher
+    if finetune and (not args.pretrained or teacher_pretrains):
+        source_yaml, source_id = prepare_data(args, args.work / "source-data", SOURCE_CLASSES, args.source_data)
     if finetune:
         if args.pretrained:
             init[args.student], seconds = Path(args.pretrained), None
         else:
-            source_yaml, source_id = prepare_data(args, args.work / "source-data", SOURCE_CLASSES, args.source_data)
             init[args.student], seconds = ensure_teacher(args.work / f"pretrain-{Path(args.student).stem}", args.student,
                                                          args.pretrain_epochs, recipe, 0, source_yaml, source_id, role="pretraining")
         p_map50, p_map50_95 = validate(init[args.student], data_yaml, recipe, args.work / "val", "pretrained")
@@ -333,8 +336,7 @@ def main() -> None:
     else:
         teacher_recipe = dataclasses.replace(recipe, nbs=args.teacher_nbs) if args.teacher_nbs else recipe
         teacher_start = args.teacher_model
-        if finetune and args.teacher_pretrain_epochs:
-            source_yaml, source_id = prepare_data(args, args.work / "source-data", SOURCE_CLASSES, args.source_data)
+        if teacher_pretrains:
             t_init, seconds = ensure_teacher(args.work / f"pretrain-teacher-{Path(args.teacher_model).stem}", args.teacher_model,
                                              args.teacher_pretrain_epochs, teacher_recipe, 0, source_yaml, source_id,
                                              role="teacher pretraining")

@@ -8,6 +8,7 @@ import sys
 import click
 
 from softlabel.errors import UserError
+from softlabel.views import DEFAULT_VIEWS, FIT_REPLAYS
 
 
 class _Group(click.Group):
@@ -74,7 +75,9 @@ def main() -> None:
 @click.option("--teacher", required=True, help="Ultralytics detection checkpoint (.pt) of the teacher, e.g. yolov8x.pt.")
 @click.option("--data", required=True, help="Ultralytics data.yaml; its 'train' split is replayed and cached.")
 @click.option("--out", required=True, help="Cache store to write: a folder (cache.zarr) or an fsspec URL (s3://..., memory://...).")
-@click.option("--views", default=8, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. Past about 14 replays of each view a student fits the cached outputs instead of learning from them: give at least (epochs - close_mosaic) / 14 (8 suits Ultralytics' 100 epochs). Each view adds a teacher pass and its bytes.")
+@click.option("--views", default=DEFAULT_VIEWS, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. "
+              f"Past about {FIT_REPLAYS} replays of each view a student fits the cached outputs instead of learning from them: give at least "
+              f"(epochs - close_mosaic) / {FIT_REPLAYS} ({DEFAULT_VIEWS} suits Ultralytics' 100 epochs). Each view adds a teacher pass and its bytes.")
 @click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
 @click.option("--imgsz", default=640, show_default=True, callback=_imgsz, help="Square input size of teacher and students (multiple of 32).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Teacher batch size.")
@@ -183,7 +186,7 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan, half):
 @click.option("--project", default=None, help="Ultralytics project folder for runs.")
 @click.option("--name", default=None, help="Run name (one per student, suffixed with the student when several).")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Ultralytics' training plots (fetch a font on first use).")
-@click.option("--views", default=8, show_default=True, type=click.IntRange(min=1), help="Online mode: mosaic views to cycle through, as a dump would.")
+@click.option("--views", default=DEFAULT_VIEWS, show_default=True, type=click.IntRange(min=1), help="Online mode: mosaic views to cycle through, as a dump would.")
 @click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Online mode: closing views, as a dump would.")
 @click.option("--augment", default=None, help="Online mode: augmentation config, a built-in name or a YAML path [default: default].")
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")

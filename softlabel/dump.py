@@ -27,6 +27,7 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
 from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
+from softlabel.views import DEFAULT_VIEWS
 
 
 # A sparse head keeps up to 512 anchors per image whose teacher score is at least 0.005: at 640 px
@@ -43,7 +44,7 @@ class DumpSettings:
     teacher: str
     data: str
     out: str
-    views: int = 8  # see the CLI's --views
+    views: int = DEFAULT_VIEWS
     close_views: int = 1
     imgsz: int = 640
     batch: int = 16

@@ -6,6 +6,8 @@ a live teacher and the tests all feed it the same way.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -85,17 +87,14 @@ class Distiller(nn.Module):
         # the kept anchors scattered in) are expanded only for a term that cannot use the kept anchors as they are
         teacher = teacher.unpacked()
         anchors = student["scores"].shape[2]
-        dense: dict[str, Tensor] = {}
 
+        @functools.cache
         def t_scores() -> Tensor:  # the teacher's class logits [B, nc, A], expanded once and only when a term needs them
-            if "scores" not in dense:
-                dense["scores"] = teacher.class_logits(box_ch, anchors)
-            return dense["scores"]
+            return teacher.class_logits(box_ch, anchors)
 
+        @functools.cache
         def t_conf() -> Tensor:  # its best class probability per anchor [B, A]
-            if "conf" not in dense:
-                dense["conf"] = t_scores().sigmoid().amax(1)
-            return dense["conf"]
+            return t_scores().sigmoid().amax(1)
 
         if "cls" in self.losses:
             loss = self.losses["cls"]

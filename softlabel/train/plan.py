@@ -6,12 +6,7 @@ import math
 from dataclasses import dataclass
 
 from softlabel.replay import View
-
-# Replays of each mosaic view past which a student fits the cached outputs instead of learning from them.
-# Measured by benchmarks/accuracy.py --preset converged --views-study 2,4,8 (110 mosaic epochs, 3 seeds):
-# 13.75 replays per view (K = 8) gained +0.015 mAP50-95 over plain training, 27.5 (K = 4) nothing (-0.004),
-# 55 (K = 2) lost 0.015.
-FIT_REPLAYS = 14
+from softlabel.views import FIT_REPLAYS
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class ViewPlan:
 
     @property
     def mosaic_epochs(self) -> int:
-        return self.epochs - (min(self.close_mosaic, self.epochs) if self.close_mosaic > 0 else 0)
+        return self.epochs - min(self.close_mosaic, self.epochs)
 
     @property
     def replays_per_view(self) -> float:

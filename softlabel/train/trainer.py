@@ -33,6 +33,7 @@ from softlabel.train.criterion import DistillLoss
 from softlabel.train.dataset import DistillDataset
 from softlabel.train.plan import ViewPlan, views_advice
 from softlabel.train.sampler import EpochSampler
+from softlabel.views import DEFAULT_VIEWS
 
 DISTILL_STATE = "distill_state.pt"
 
@@ -52,7 +53,7 @@ class DistillTrainer(DetectionTrainer):
     distill_config: str | None = None
     replay_seed: int = 0  # online mode; a cache carries its own
     augment_config: str | None = None  # online mode
-    views: int = 8  # online mode, as a dump's default
+    views: int = DEFAULT_VIEWS  # online mode, as a dump's default
     close_views: int = 1  # online mode
     teacher_half: bool | None = None  # online mode: float16 teacher on CUDA; None follows the student's amp
 
