@@ -198,6 +198,7 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
     Any other Ultralytics training argument follows in its own KEY=VALUE form, e.g. lr0=0.005
     optimizer=AdamW cos_lr=True; Ultralytics' config check validates them.
     """
+    from softlabel.cache.lock import ReadLock
     from softlabel.checks import check_train_numbers
     from softlabel.student import check_student
     from softlabel.distill.config import load_distill
@@ -214,6 +215,8 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
     check_train_numbers(epochs=epochs, batch=batch, workers=workers, imgsz=imgsz, close_mosaic=close_mosaic)
     load_distill(distill)  # a bad config stops here, before any model is built or any run folder made
+    if cache:  # held until the command ends, error or not: no dump may write or remove the cache under us
+        ctx.with_resource(ReadLock(cache))
     data, imgsz = _check_train_sources(cache, teacher, data, imgsz)
     for student in students:
         check_student(student)

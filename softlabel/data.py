@@ -4,7 +4,9 @@
 `BaseDataset.get_img_files` does, finds each label file with `img2label_paths` and checks each
 image and label with `verify_image_label`, skipping what fails. softlabel calls those same
 functions, so the images a dump replays are exactly the ones `yolo train` trains on, and the ones
-it would skip are skipped here too, named and counted.
+it would skip are skipped here too, named and counted. In front of each of those calls sit bounds Ultralytics
+does not apply (file types, sizes, label rows, how far a listing walks), so hostile or broken input is refused
+with one line instead of hanging, or reading gigabytes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import yaml
 
+from softlabel.databounds import check_image_file, check_label_file, check_split_sources
 from softlabel.errors import UserError
-
+from softlabel.yamlfile import check_yaml_text, read_yaml_text
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -53,6 +57,11 @@ def load_data_yaml(path: str | os.PathLike) -> DataSpec:
     yaml_path = Path(path)
     if not yaml_path.is_file():
         raise UserError(f"{yaml_path}: data.yaml not found")
+    if yaml_path.suffix.lower() in (".yaml", ".yml"):  # Ultralytics also takes a dataset archive, which is not YAML
+        # Bounded before Ultralytics parses it, on the text as Ultralytics reads it: undecodable bytes dropped,
+        # and characters YAML forbids dropped too (its loader retries without them).
+        text = read_yaml_text(yaml_path, "data.yaml", errors="ignore")
+        check_yaml_text(yaml.reader.Reader.NON_PRINTABLE.sub("", text), yaml_path)
     try:
         data = check_det_dataset(str(yaml_path), autodownload=False)
     except Exception as e:  # SyntaxError, FileNotFoundError, TypeError... each a user's data problem
@@ -127,10 +136,21 @@ class _ImageLister:
 def list_images(paths: list[str]) -> list[str]:
     """A split's image files as Ultralytics lists them: sorted, hidden files and folders left out,
     symlinks followed but not resolved (their labels sit beside the link, not the target)."""
+    check_split_sources(paths)
     try:
         return _ImageLister()(paths)
     except FileNotFoundError as e:
         raise UserError(_one_line(e.__cause__ or e)) from None
+
+
+def _verify(args: tuple):
+    """Ultralytics' `verify_image_label`, after the bounds it does not apply: it opens the image and reads the
+    label file whole."""
+    from ultralytics.data.utils import verify_image_label
+
+    check_image_file(args[0])
+    check_label_file(args[1])
+    return verify_image_label(args)
 
 
 def _warn(line: str) -> None:
@@ -152,7 +172,7 @@ def build_index(
     removes them. `check_images` is kept for callers; verification always runs, because it is what
     decides which images Ultralytics trains on.
     """
-    from ultralytics.data.utils import img2label_paths, verify_image_label
+    from ultralytics.data.utils import img2label_paths
     from ultralytics.utils import NUM_THREADS
 
     if split not in spec.splits:
@@ -163,7 +183,7 @@ def build_index(
     images, labels, sizes, skipped, notes = [], [], [], [], []
     found = 0
     with ThreadPool(max(1, min(NUM_THREADS, len(files)))) as pool:
-        for file, result in zip(files, pool.imap(verify_image_label, args)):
+        for file, result in zip(files, pool.imap(_verify, args)):
             im_file, lb, shape, _, _, _, nf, _, _, msg = result
             found += nf
             if im_file is None:

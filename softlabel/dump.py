@@ -254,6 +254,7 @@ def prepare(settings: DumpSettings):
             raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
     resolve_head(settings)
     codec_choice(settings.codec)
+    settings.out = store.resolve_link(settings.out)
     store.require_writable(settings.out, settings.overwrite)
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)

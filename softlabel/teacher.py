@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from softlabel import trust
 from softlabel.errors import UserError
 
 SUPPORTED = "Ultralytics detection checkpoints whose Detect head predicts DFL bins (YOLOv8, YOLO11, YOLO12, ...)"
@@ -101,28 +102,58 @@ def describe(model: nn.Module, path: str = "", sha256: str = "") -> TeacherInfo:
 
 
 def read_checkpoint(path: str | Path, role: str = "teacher") -> tuple[nn.Module, dict]:
-    """An Ultralytics checkpoint as an FP32 module in eval mode and its dict; one clear error otherwise."""
+    """An Ultralytics checkpoint as an FP32 module in eval mode and its dict; one clear error otherwise.
+
+    Read with Ultralytics' safe load unless the user trusts their files (softlabel.trust): a pickle
+    that names anything outside its allow-list of model classes is refused before it runs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {role} checkpoint not found")
-    from ultralytics.nn.tasks import load_checkpoint
+    from ultralytics.nn.tasks import torch_safe_load
 
+    safe = not trust.trusted()
     try:
         with contextlib.redirect_stdout(None):
-            model, ckpt = load_checkpoint(str(path), device="cpu")
+            ckpt, _ = torch_safe_load(str(path), safe_only=safe)
     except Exception as e:  # a pickle, a zip, a text file: every loader fails its own way
-        raise UserError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if safe and _refused_by_safe_load(e):
+            raise UserError(trust.refused(str(path), role)) from None
+        raise UserError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {_first_line(str(e))})") from None
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(model, nn.Module):
-        raise UserError(f"{path}: not an Ultralytics checkpoint")
-    return model, ckpt if isinstance(ckpt, dict) else {}
+        raise UserError(f"{path}: not an Ultralytics checkpoint (no model in it)")
+    model = model.float().eval()  # as Ultralytics' load_checkpoint hands it over: FP32, eval mode
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    return model, ckpt
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, TeacherInfo]:
-    """Read a checkpoint from disk and refuse anything that is not a supported detector."""
+def _refused_by_safe_load(error: BaseException) -> bool:
+    """torch's weights_only unpickler met a global outside the allow-list (Ultralytics re-raises it as a
+    TypeError); a file that is simply not a pickle fails differently, and is reported as such."""
+    texts = [str(error).lower(), str(error.__cause__ or "").lower()]
+    return any("unsupported global" in t for t in texts)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.replace("❌️", "").replace("❌", "").splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:200]
+
+
+def load_model(path: str | Path, expect_sha256: str | None = None) -> tuple[nn.Module, TeacherInfo]:
+    """Read a checkpoint from disk and refuse anything that is not a supported detector.
+
+    With `expect_sha256` the file is hashed first and refused unread when it is not that file: a store
+    names its teacher's path, and whatever lies there now must not get to run before it is compared."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: teacher checkpoint not found")
+    sha = file_sha256(path)
+    if expect_sha256 is not None and sha != expect_sha256:
+        raise UserError(f"{path}: not the checkpoint the cache was dumped with (sha256 differs); it was not loaded")
     model, _ = read_checkpoint(path, "teacher")
     # stored absolute, so verify and train find it from any working folder
-    info = describe(model, str(path.expanduser().absolute()), file_sha256(path))
+    info = describe(model, str(path.expanduser().absolute()), sha)
     return model, info
 
 
@@ -143,8 +174,9 @@ class Teacher:
         return "float16" if self.amp else "float32"
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True) -> "Teacher":
-        model, info = load_model(path)
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True,
+             expect_sha256: str | None = None) -> "Teacher":
+        model, info = load_model(path, expect_sha256)
         return cls(model, info, device, amp)
 
     @torch.inference_mode()

@@ -11,11 +11,12 @@ import torch
 
 from softlabel.augment import AugmentConfig
 from softlabel.cache.presence import check_shard, shard_key
-from softlabel.cache.reader import CacheReader
+from softlabel.cache.reader import CacheReader, MisplacedRecord
+from softlabel.cache.schema import digest_path, fingerprint_path
 from softlabel.data import build_index, load_data_yaml
 from softlabel.errors import UserError
 from softlabel.replay import Replay, View
-from softlabel.teacher import Teacher, to_model_input
+from softlabel.teacher import Teacher, TeacherInfo, to_model_input
 
 
 # (atol, rtol) per stored precision: a few units of rounding of that format
@@ -30,6 +31,7 @@ class TensorError:
     max_abs: float = 0.0
     max_rel: float = 0.0
     bad: int = 0  # samples beyond tolerance
+    samples: list[str] = field(default_factory=list)  # which: "view v, sample i (path)"
 
 
 @dataclass
@@ -41,6 +43,10 @@ class VerifyReport:
     resume: str = ""  # the command that finishes an incomplete store
     chunks_checked: int = 0
     corrupt: list[str] = field(default_factory=list)  # "view/tensor sample i: why"
+    records_checked: int = 0  # records whose digest was recomputed
+    misplaced: list[str] = field(default_factory=list)  # "view v, sample i (path), shard s": digest does not match
+    attributes_checked: int = 0
+    attributes: list[str] = field(default_factory=list)  # root attributes that contradict the store, data or teacher
     fingerprints_checked: int = 0
     fingerprint_mismatches: list[str] = field(default_factory=list)
     tensors: dict[str, TensorError] = field(default_factory=dict)
@@ -54,6 +60,8 @@ class VerifyReport:
             not self.missing
             and not self.incomplete
             and not self.corrupt
+            and not self.misplaced
+            and not self.attributes
             and not self.fingerprint_mismatches
             and all(t.bad == 0 for t in self.tensors.values())
         )
@@ -108,26 +116,94 @@ def _spans(shards: list[int]) -> str:
 
 
 def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
-    """Read every stored sample of every tensor: the CRC32C codec rejects any altered byte."""
+    """Read every stored sample of every finished shard: the CRC32C codec rejects any altered byte, and
+    each record's digest must bind it to its own view and sample (a moved or swapped shard passes CRC)."""
     done = reader.done()
     layout = reader.layout
     for view in layout.views:
-        for name in layout.per_sample(view):
-            arr = reader._array(name)
-            for shard in np.flatnonzero(done[view]):
-                start, stop = layout.shard_range(int(shard))
+        names = list(layout.per_sample(view))
+        stored_names = [(name, name[len(view) + 1 :]) for name in layout.stored(view)]
+        for shard in np.flatnonzero(done[view]):
+            start, stop = layout.shard_range(int(shard))
+            rows: dict[str, list] = {}
+            broken: set[int] = set()
+            for name in names:
+                arr = reader._array(name)
                 try:
-                    arr[start:stop]
+                    rows[name] = list(np.asarray(arr[start:stop]))
                     report.chunks_checked += stop - start
                     continue
                 except Exception:
-                    pass
+                    rows[name] = []
                 for i in range(start, stop):  # find the sample(s) whose chunk fails
                     report.chunks_checked += 1
                     try:
-                        arr[i]
+                        rows[name].append(np.asarray(arr[i]))
                     except Exception as e:
-                        report.corrupt.append(f"{name} sample {i}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                        rows[name].append(None)
+                        broken.add(i)
+                        report.corrupt.append(f"{name} {reader.sample_name(i)}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            for i in range(start, stop):
+                if i in broken:
+                    continue
+                r = i - start
+                stored = {short: rows[name][r] for name, short in stored_names}
+                why = reader.seal_error(view, i, stored, rows[fingerprint_path(view)][r].tobytes(),
+                                        rows[digest_path(view)][r].tobytes())
+                report.records_checked += 1
+                if why:
+                    report.misplaced.append(f"view {view}, {reader.sample_name(i)}, shard {shard}")
+
+
+def check_attributes(reader: CacheReader, report: VerifyReport, index, spec) -> None:
+    """What the root attributes say against what the store, the data and the arrays hold."""
+    attrs, layout = reader.attrs, reader.layout
+    data = attrs["data"]
+    paths = [str(p) for p in reader._array("samples/path")[:].tolist()]
+    for what, stored, actual in (
+        ("data.count vs samples/path", data["count"], len(paths)),
+        ("data.count vs the data's images", data["count"], len(index)),
+        ("data.nc vs the data", data.get("nc"), spec.nc),
+        ("data.names vs the data", list(data.get("names") or []), list(spec.names)),
+        ("teacher.names vs data.names", list(attrs["teacher"]["names"]), list(data.get("names") or [])),
+        ("teacher.nc vs teacher.names", attrs["teacher"]["nc"], len(attrs["teacher"]["names"])),
+    ):
+        report.attributes_checked += 1
+        if stored != actual:
+            report.attributes.append(f"{what}: {_short(stored)} != {_short(actual)}")
+    report.attributes_checked += 1
+    if paths != index.relative_paths():
+        first = next((i for i, (a, b) in enumerate(zip(paths, index.relative_paths())) if a != b), min(len(paths), len(index)))
+        report.attributes.append(f"samples/path differs from the data's image list from sample {first}")
+    for view in layout.views:
+        for name, spec_ in layout.per_sample(view).items():
+            report.attributes_checked += 1
+            try:
+                arr = reader._array(name)
+            except UserError as e:
+                report.missing.append(str(e).split(": ", 1)[-1])
+                continue
+            want = (layout.count, *spec_.shape)
+            if tuple(arr.shape) != want or np.dtype(arr.dtype) != np.dtype(spec_.dtype):
+                report.attributes.append(f"{name}: shape {tuple(arr.shape)} {arr.dtype}, the attributes describe {want} {spec_.dtype}")
+
+
+def check_teacher_attributes(recorded: dict, live: TeacherInfo, report: VerifyReport) -> None:
+    """The store's description of its teacher against the teacher itself."""
+    for key in ("arch", "nc", "names", "strides", "reg_max", "levels", "feature_channels"):
+        report.attributes_checked += 1
+        theirs = getattr(live, key)
+        if _plain(recorded.get(key)) != _plain(theirs):
+            report.attributes.append(f"teacher.{key}: the store says {_short(recorded.get(key))}, the teacher has {_short(theirs)}")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def pick_samples(views: list[str], count: int, n: int) -> list[tuple[str, int]]:
@@ -171,15 +247,17 @@ def run_verify(
     index = build_index(spec, attrs["data"]["split"], check_images=False)
     if index.list_hash() != attrs["data"]["images_hash"]:
         raise UserError(f"{spec.yaml_path}: the images or labels differ from the ones the cache was dumped from")
+    check_attributes(reader, report, index, spec)
     dumped = attrs["teacher"].get("compute_dtype", "float16")  # a store that predates the record: assume the coarser
-    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device), amp=dumped == "float16" if half is None else half)
+    # hashed before it is loaded: a file that is not the dump's teacher never gets to run
+    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device),
+                     amp=dumped == "float16" if half is None else half, expect_sha256=attrs["teacher"]["sha256"])
     report.compute = f"teacher {dumped} in the dump, {t.compute_dtype} here"
     if "float16" in (dumped, t.compute_dtype):
         report.atol += HALF_COMPUTE_TOLERANCE[0] if widen[0] else 0.0
         report.rtol += HALF_COMPUTE_TOLERANCE[1] if widen[1] else 0.0
+    check_teacher_attributes(attrs["teacher"], t.info, report)
     atol, rtol = report.atol, report.rtol
-    if t.info.sha256 != attrs["teacher"]["sha256"]:
-        raise UserError(f"{teacher or attrs['teacher']['path']}: not the checkpoint the cache was dumped with (sha256 differs)")
     aug = attrs["augment"]
     replay = Replay(index, AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
     done = reader.done()
@@ -189,6 +267,10 @@ def run_verify(
         report.fingerprints_checked += 1
         try:
             cached = reader.read(view_key, i)
+        except MisplacedRecord:
+            report.records_checked += 1
+            report.misplaced.append(f"view {view_key}, {reader.sample_name(i)}, shard {i // reader.layout.shard_size}")
+            continue
         except Exception as e:
             report.corrupt.append(f"{view_key} sample {i}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -206,7 +288,9 @@ def run_verify(
             err = report.tensors.setdefault(name, TensorError())
             err.max_abs = max(err.max_abs, float(diff.max()))
             err.max_rel = max(err.max_rel, float((diff / (np.abs(live) + 1e-3)).max()))
-            err.bad += int((diff > limit).any())
+            if (diff > limit).any():
+                err.bad += 1
+                err.samples.append(f"view {view_key}, {reader.sample_name(i)}")
     return report
 
 
@@ -267,16 +351,23 @@ def render(report: VerifyReport) -> str:
         *(f"  missing     {m}" for m in report.missing),
         f"checksums     {report.chunks_checked} sample chunks read, {len(report.corrupt)} corrupt",
         *(f"  corrupt     {c}" for c in report.corrupt),
+        f"records       {report.records_checked} digests recomputed, {len(report.misplaced)} not of their view and sample "
+        "(moved, swapped or stale)",
+        *(f"  misplaced   {m}" for m in report.misplaced),
+        f"attributes    {report.attributes_checked} checked, {len(report.attributes)} contradicted",
+        *(f"  contradicts {a}" for a in report.attributes),
         f"fingerprints  {report.fingerprints_checked - len(report.fingerprint_mismatches)}/{report.fingerprints_checked} match",
         *(f"  mismatch    {m}" for m in report.fingerprint_mismatches),
         f"{'tensor':<12}{'max abs err':>14}{'max rel err':>14}  status (tolerance {report.atol:g} + {report.rtol:g}*|x|; {report.compute})",
     ]
     for name, e in sorted(report.tensors.items()):
         lines.append(f"{name:<12}{e.max_abs:>14.3e}{e.max_rel:>14.3e}  {'ok' if e.bad == 0 else f'{e.bad} samples beyond tolerance'}")
+        lines += [f"  beyond      {name}: {where}" for where in e.samples]
     if report.ok:
         lines.append("verify: OK")
     else:
         why = [w for w, bad in (("incomplete", report.incomplete), ("missing data", report.missing), ("corrupt chunks", report.corrupt),
+                                ("misplaced records", report.misplaced), ("contradicting attributes", report.attributes),
                                 ("fingerprint mismatches", report.fingerprint_mismatches),
                                 ("values beyond tolerance", any(t.bad for t in report.tensors.values()))) if bad]
         lines.append(f"verify: FAILED ({', '.join(why)})")

@@ -32,6 +32,22 @@ def assert_clean_error(result, *needles) -> None:
         assert str(needle) in lines[0], (needle, lines[0])
 
 
+def reseal(location, view: str, indices) -> None:
+    """Seal altered records again, as a store that lies consistently would: what only the live teacher can catch."""
+    import numpy as np
+    import zarr
+
+    from softlabel.cache.digest import record_digest
+    from softlabel.cache.reader import CacheReader
+
+    layout = CacheReader(str(location)).layout
+    group = zarr.open_group(str(location), mode="r+")
+    for i in indices:
+        stored = {name[len(view) + 1 :]: np.asarray(group[name][i]) for name in layout.stored(view)}
+        fp = np.asarray(group[f"{view}/fingerprint"][i]).tobytes()
+        group[f"{view}/digest"][i] = np.frombuffer(record_digest(view, i, fp, stored), np.uint8)
+
+
 def save_teacher(path: Path, cfg: str = "yolov8n.yaml", nc: int = 3) -> Path:
     """Build a model from its yaml (no download) and save it as an Ultralytics checkpoint."""
     from softlabel.teacher import save_checkpoint_from_yaml

@@ -278,9 +278,9 @@ def test_newer_schema_is_refused(tmp_path, existing_store):
 
 def test_older_schema_is_refused_naming_a_redump(tmp_path, existing_store):
     group = zarr.open_group(str(existing_store), mode="r+")
-    for old in (1, 2, 3):  # 3: feature rows for every kept anchor; 2: mosaic partners from the whole dataset
+    for old in (1, 2, 3, 4):  # 4: records not sealed to their sample; 3: feature rows for every kept anchor
         group.attrs["schema_version"] = old
-        assert_clean_error(run_cli("info", existing_store), "older softlabel", f"schema {old}", "--feature-rows", "re-dump")
+        assert_clean_error(run_cli("info", existing_store), "older softlabel", f"schema {old}", "seals every teacher record", "re-dump")
 
 
 def test_reader_fast_path_equals_zarr_for_every_sample(dumped):

@@ -20,9 +20,9 @@ def amp_seen(monkeypatch):
     seen = []
     load = Teacher.load.__func__
 
-    def spy(cls, path, device="cpu", amp=True):
+    def spy(cls, path, device="cpu", amp=True, **kwargs):
         seen.append(amp)
-        return load(cls, path, device, amp)
+        return load(cls, path, device, amp, **kwargs)
 
     monkeypatch.setattr(Teacher, "load", classmethod(spy))
     return seen

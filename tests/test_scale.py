@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -121,29 +120,36 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path, dataset, teacher, referen
     _assert_same(out, reference)
 
 
-def _write_lock(path: Path, host: str, pid: int, heartbeat: float) -> None:
-    path.write_text(json.dumps({"host": host, "pid": pid, "started": heartbeat, "heartbeat": heartbeat}))
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding the dump lock of `out`, as a running dump does."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from softlabel.cache.lock import DumpLock\n"
+         "lock = DumpLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def test_a_live_lock_refuses_a_second_dump_and_a_dead_one_does_not(tmp_path, dataset, teacher):
     out = tmp_path / "locked.zarr"
     lock = Path(f"{out}.lock")
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = _hold_lock(out)
     try:
-        _write_lock(lock, socket.gethostname(), sleeper.pid, time.time())
         r = run_cli(*dump_args(teacher, dataset, out, *SMALL))
-        assert r.exit_code == 2 and f"pid {sleeper.pid}" in r.stderr and "another dump" in r.stderr
+        assert r.exit_code == 2 and f"pid {holder.pid}" in r.stderr and "another dump" in r.stderr
         assert not out.exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    r = run_cli(*dump_args(teacher, dataset, out, *SMALL))  # the holder died: its lock is stale
+        holder.kill()  # SIGKILL: no release runs, the kernel drops the lock
+        holder.wait()
+    assert lock.exists()
+    r = run_cli(*dump_args(teacher, dataset, out, *SMALL))  # the holder died: its lock died with it
     assert r.exit_code == 0, r.output
     assert not lock.exists()
-    _write_lock(lock, "some-other-host", 1, time.time())
-    assert run_cli(*dump_args(teacher, dataset, out, *SMALL)).exit_code == 2
-    _write_lock(lock, "some-other-host", 1, time.time() - 3600)  # it stopped beating an hour ago
+    # a file left by a crash names a holder that no longer holds it, whatever its host or age
+    lock.write_text(json.dumps({"host": "some-other-host", "pid": 1, "started": time.time(), "heartbeat": time.time()}))
     assert run_cli(*dump_args(teacher, dataset, out, *SMALL)).exit_code == 0
+    assert not lock.exists()
 
 
 @pytest.mark.slow

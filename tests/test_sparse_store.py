@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, reseal, run_cli
 
 from softlabel.augment import AugmentConfig
 from softlabel.cache.reader import CacheReader
@@ -198,6 +198,7 @@ def test_verify_compares_the_rows_with_the_live_teacher(tmp_path, sparse_store):
     # valid checksums, wrong values: a random network's features are ~1e-5, so the rows' scales are what can be seen
     arr = zarr.open_group(str(bad), mode="r+")["v0/feat/scale"]
     arr[0:12] = np.asarray(arr[0:12]) * 1e5
+    reseal(bad, "v0", range(12))
     result = run_cli("verify", bad, "--samples", 4)
     assert result.exit_code == 1 and "beyond tolerance" in result.stdout and "feat/rows" in result.stdout
 

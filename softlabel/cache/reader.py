@@ -8,9 +8,14 @@ import numpy as np
 
 from softlabel.cache import store
 from softlabel.cache.fastread import ShardedSampleReader, open_fast
+from softlabel.cache.digest import record_digest
 from softlabel.cache.encoding import TeacherSample, decode_sample
-from softlabel.cache.schema import Layout, fingerprint_path
+from softlabel.cache.schema import Layout, digest_path, fingerprint_path
 from softlabel.errors import UserError
+
+
+class MisplacedRecord(UserError):
+    """A record whose seal names another view or sample, or other tensors, than the ones it was read as."""
 
 
 class CacheReader:
@@ -33,7 +38,7 @@ class CacheReader:
         if path not in self._arrays:
             if self._group is None:
                 self._group = store.open_group(self.location, mode="r")
-            self._arrays[path] = self._group[path]
+            self._arrays[path] = store.open_array(self._group, path, self.location)
         return self._arrays[path]
 
     @property
@@ -45,7 +50,7 @@ class CacheReader:
         return list(self.layout.feat)
 
     def done(self) -> dict[str, np.ndarray]:
-        return store.done_flags(store.open_group(self.location, mode="r"), self.layout)
+        return store.done_flags(store.open_group(self.location, mode="r"), self.layout, self.location)
 
     def missing(self) -> dict[str, int]:
         """Per view, how many shards are not done."""
@@ -71,7 +76,30 @@ class CacheReader:
         if view not in self._stored_names:  # the hot path: work the names out once per view
             self._stored_names[view] = [(name, name[len(view) + 1 :]) for name in self.layout.stored(view)]
         stored = {short: self._sample(name, index) for name, short in self._stored_names[view]}
-        return decode_sample(stored, self.layout, self._sample(fingerprint_path(view), index).tobytes())
+        fingerprint = self._sample(fingerprint_path(view), index).tobytes()
+        why = self.seal_error(view, index, stored, fingerprint)
+        if why:
+            raise MisplacedRecord(why)
+        return decode_sample(stored, self.layout, fingerprint)
+
+    def seal_error(self, view: str, index: int, stored: dict[str, np.ndarray], fingerprint: bytes,
+                   digest: bytes | None = None) -> str | None:
+        """Why a record read for (view, index) is not the one the dump wrote there, or None when it is.
+        `digest`: the stored digest when the caller has read it already."""
+        if digest is None:
+            digest = self._sample(digest_path(view), index).tobytes()
+        if digest == record_digest(view, index, fingerprint, stored):
+            return None
+        return (f"{self.location}: view {view}, {self.sample_name(index)}, shard {index // self.layout.shard_size}: "
+                "the teacher record is not the one written for this view and sample (moved, swapped or stale data; "
+                "its digest does not match); run 'softlabel verify' and re-dump the store")
+
+    def sample_name(self, index: int) -> str:
+        """'sample i (relative/image/path)' for messages; the path is read only when a message needs it."""
+        try:
+            return f"sample {index} ({self._array('samples/path')[index]})"
+        except Exception:  # a message about damage must not fail on more damage
+            return f"sample {index}"
 
     def anchor_levels(self) -> np.ndarray:
         """[A]: the stored feature level (position in feature_levels) of every head anchor, -1 where none is stored."""

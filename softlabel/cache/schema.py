@@ -1,8 +1,10 @@
 """The cache's self-description: root attributes, array layout, and what must match to reuse a store.
 
-Layout (zarr v3), schema 4:
+Layout (zarr v3), schema 5:
     samples/path            [N]                       image paths relative to the dataset root
     {view}/fingerprint      [N, 16] uint8             softlabel.replay.fingerprint of the replayed image and labels
+    {view}/digest           [N, 4] uint8              softlabel.cache.digest.record_digest: binds the record's
+                                                      tensors and fingerprint to its view and sample
   sparse head (default, K = head_sparse.topk):
     {view}/head/index       [N, K] int32              kept anchors (P3..P5 row-major) best first, -1 for an unused slot
     {view}/head/values      [N, K, 4*reg_max+nc]      their DFL bins and class logits
@@ -21,7 +23,7 @@ Layout (zarr v3), schema 4:
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
 rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
 
-Schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
+Schema 5 seals every record with its digest; schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
 what a view holds, not its arrays: mosaic partners come from the image's partner group
 (augment.mosaic_group) and the fingerprint is four CRC-32C; schema 2 stored features at the kept
 anchors.
@@ -36,7 +38,7 @@ from typing import Any
 from softlabel.errors import UserError
 
 FORMAT = "softlabel-cache"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FEATURE_LAYOUTS = ("sparse", "dense")
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
@@ -123,10 +125,15 @@ class Layout:
         return out
 
     def per_sample(self, view: str) -> dict[str, ArraySpec]:
-        """Every array of a view with one entry per sample: the stored tensors and the fingerprint."""
+        """Every array of a view with one entry per sample: the stored tensors, the fingerprint and the digest."""
+        from softlabel.cache.digest import DIGEST_BYTES
         from softlabel.replay import FINGERPRINT_BYTES
 
-        return {**self.stored(view), fingerprint_path(view): ArraySpec((FINGERPRINT_BYTES,), "uint8", "raw")}
+        return {
+            **self.stored(view),
+            fingerprint_path(view): ArraySpec((FINGERPRINT_BYTES,), "uint8", "raw"),
+            digest_path(view): ArraySpec((DIGEST_BYTES,), "uint8", "raw"),
+        }
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
@@ -163,6 +170,10 @@ def fingerprint_path(view: str) -> str:
     return f"{view}/fingerprint"
 
 
+def digest_path(view: str) -> str:
+    return f"{view}/digest"
+
+
 def done_path(view: str) -> str:
     return f"{view}/done"
 
@@ -188,7 +199,7 @@ def check_format(attrs: dict[str, Any], where: str) -> None:
     if isinstance(version, int) and version < SCHEMA_VERSION:
         raise UserError(
             f"{where}: written by an older softlabel (cache schema {version}; this softlabel reads schema "
-            f"{SCHEMA_VERSION}, which stores feature rows for the first --feature-rows kept anchors only); "
+            f"{SCHEMA_VERSION}, which seals every teacher record to its sample and view); "
             "re-dump it with 'softlabel dump' (--overwrite replaces it)"
         )
     if not isinstance(version, int) or version > SCHEMA_VERSION:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from softlabel.cache import tree as store_tree
 from softlabel.cache.codecs import compressors
 from softlabel.cache.schema import (
     FORMAT,
@@ -33,6 +35,13 @@ def local_path(location: str) -> Path | None:
     if s.startswith("file://"):
         return Path(s[len("file://") :])
     return None if is_url(s) else Path(s)
+
+
+def resolve_link(location: str) -> str:
+    """A local --out that is a symbolic link, as the folder it points to: the store, its lock and its
+    removal then all concern that one folder, never the link."""
+    path = local_path(location)
+    return str(path.resolve()) if path is not None and path.is_symlink() else str(location)
 
 
 def exists(location: str) -> bool:
@@ -116,7 +125,8 @@ def open_group(location: str, mode: str = "r") -> zarr.Group:
 
 
 def remove(location: str) -> None:
-    """Delete a softlabel store, and only that: anything else at the location is refused untouched."""
+    """Delete a softlabel store, and only that: a location holding anything a store of this schema
+    cannot contain, at any depth, is refused whole and left untouched."""
     target = probe(location)
     if target.kind in ("absent", "empty"):
         return
@@ -124,14 +134,29 @@ def remove(location: str) -> None:
         raise UserError(f"{location}: not a softlabel cache ({target.detail or target.kind}); refusing to remove it")
     path = local_path(location)
     if path is not None:
-        foreign = [p.name for p in path.iterdir() if p.name != "zarr.json" and not (p / "zarr.json").is_file()]
-        if foreign:  # a store's folder holds zarr nodes only; a user's file put inside it is never deleted
-            raise UserError(f"{location}: the cache folder also holds {foreign[0]!r}, which is not part of the cache; "
-                            "move it out, then run again")
-        shutil.rmtree(path)
+        _remove_tree(path, str(location))
     else:
         fs, root = fsspec.core.url_to_fs(str(location))
+        root = root.rstrip("/")
+        listed = fs.find(root, withdirs=True, detail=True)
+        foreign = [rel for rel, is_dir in ((k[len(root) + 1 :], v.get("type") == "directory") for k, v in listed.items())
+                   if rel and not store_tree.allowed(rel, is_dir)]
+        if foreign:
+            raise UserError(_foreign_message(str(location), foreign))
         fs.rm(root, recursive=True)
+
+
+def _foreign_message(location: str, foreign: list[str]) -> str:
+    more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    return (f"{location}: the cache folder also holds {foreign[0]!r}{more}, which is not part of a cache; nothing was "
+            "removed; move it out, then run again")
+
+
+def _remove_tree(path: Path, location: str) -> None:
+    foreign = store_tree.foreign_entries(path)
+    if foreign:
+        raise UserError(_foreign_message(location, foreign))
+    shutil.rmtree(path)
 
 
 def read_attrs(location: str) -> dict[str, Any]:
@@ -148,21 +173,41 @@ def read_attrs(location: str) -> dict[str, Any]:
 
 
 def create(location: str, attrs: dict[str, Any], layout: Layout, sample_paths: list[str]) -> zarr.Group:
-    """Make the group and every array; until the full attributes are written last, the store says
-    it is half-made, so a crash during creation restarts cleanly instead of resuming."""
+    """Make the group and every array, the full attributes last.
+
+    A local store is built in a hidden sibling folder and renamed into place once whole, so a dump
+    that fails or is killed at any moment of creation leaves either nothing at --out or a whole
+    store; the next run clears the leftover sibling. An object store has no atomic rename: it is born
+    with its format attribute and a 'creating' flag, and a store still flagged is started over."""
     require_writable(location)
     path = local_path(location)
-    # born with its format attribute, so a crash at any later moment leaves a recognisable store;
-    # mode "w-" never clears what a location holds
-    group = zarr.open_group(
-        str(path) if path is not None else location,
-        mode="w-",
-        attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, "creating": True},
-    )
+    if path is None:
+        group = zarr.open_group(location, mode="w-", attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION, "creating": True})
+        _fill(group, attrs, layout, sample_paths)
+        return group
+    staging = staging_path(path)
+    try:
+        if staging.exists() or staging.is_symlink():
+            _remove_tree(staging, str(staging))  # left by a creation that was killed; the dump lock makes it ours
+        _fill(zarr.open_group(str(staging), mode="w-", attributes={"format": FORMAT, "schema_version": SCHEMA_VERSION}),
+              attrs, layout, sample_paths)
+        os.rename(staging, path)  # atomic; onto an absent name or an empty folder
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"{location}: creating the store failed ({e.strerror or e}); nothing was left at --out; "
+                        "fix that and run the same command again") from None
+    return zarr.open_group(str(path), mode="r+")
+
+
+def staging_path(path: Path) -> Path:
+    """Where a local store is built before it is renamed to `path`."""
+    return path.with_name(f".{path.name}.creating")
+
+
+def _fill(group: zarr.Group, attrs: dict[str, Any], layout: Layout, sample_paths: list[str]) -> None:
     ensure_arrays(group, attrs, layout)
     group["samples/path"][:] = np.asarray(sample_paths, dtype=str)
     group.attrs.put(attrs)
-    return group
 
 
 def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> None:
@@ -189,8 +234,26 @@ def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> N
             group.create_array(done_path(view), shape=(layout.n_shards,), chunks=(1,), dtype="uint8", fill_value=0)
 
 
-def done_flags(group: zarr.Group, layout: Layout) -> dict[str, np.ndarray]:
-    return {view: np.asarray(group[done_path(view)][:]).astype(bool) for view in layout.views}
+def open_array(group: zarr.Group, path: str, location: str):
+    """An array of the store, or one line saying which is missing or damaged (a deleted folder, a
+    truncated or edited zarr.json) instead of the KeyError or JSONDecodeError zarr raises."""
+    try:
+        node = group[path]
+    except KeyError:
+        raise UserError(f"{location}: {path} is missing from the store; the store is damaged, re-dump it "
+                        "(--overwrite starts over)") from None
+    except Exception as e:  # zarr parses the metadata here: JSON, unknown codecs, bad shapes
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{location}: {path}/zarr.json cannot be read ({reason}); the store is damaged, re-dump it "
+                        "(--overwrite starts over)") from None
+    if not isinstance(node, zarr.Array):
+        raise UserError(f"{location}: {path} is not an array; the store is damaged, re-dump it (--overwrite starts over)")
+    return node
+
+
+def done_flags(group: zarr.Group, layout: Layout, location: str = "") -> dict[str, np.ndarray]:
+    where = location or str(group.store)
+    return {view: np.asarray(open_array(group, done_path(view), where)[:]).astype(bool) for view in layout.views}
 
 
 def stored_bytes(group: zarr.Group) -> dict[str, int]:

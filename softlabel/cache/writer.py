@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from softlabel.cache.schema import Layout, done_path, fingerprint_path
+from softlabel.cache.digest import DIGEST_BYTES, record_digest
+from softlabel.cache.schema import Layout, digest_path, done_path, fingerprint_path
 from softlabel.errors import UserError
 from softlabel.replay import FINGERPRINT_BYTES
 
@@ -26,6 +27,7 @@ class _ShardBuffer:
     stop: int
     arrays: dict[str, np.ndarray]
     fingerprints: np.ndarray
+    digests: np.ndarray
     filled: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -52,7 +54,8 @@ class CacheWriter:
             start, stop = self.layout.shard_range(shard)
             arrays = {name: np.zeros((stop - start, *spec.shape), spec.dtype) for name, spec in self.layout.stored(view).items()}
             fps = np.zeros((stop - start, FINGERPRINT_BYTES), np.uint8)
-            self._buffers[key] = _ShardBuffer(start, stop, arrays, fps)
+            digests = np.zeros((stop - start, DIGEST_BYTES), np.uint8)
+            self._buffers[key] = _ShardBuffer(start, stop, arrays, fps, digests)
         return self._buffers[key]
 
     def add(self, view: str, index: int, tensors: dict[str, np.ndarray], fingerprint: bytes) -> None:
@@ -61,9 +64,13 @@ class CacheWriter:
         shard = index // self.layout.shard_size
         buf = self._buffer(view, shard)
         row = index - buf.start
+        prefix = len(view) + 1
         for name, value in tensors.items():
             buf.arrays[name][row] = value
+        # sealed from every array of the record as stored (after the cast into the shard buffer), as the reader sees it
+        stored = {name[prefix:]: arr[row] for name, arr in buf.arrays.items()}
         buf.fingerprints[row] = np.frombuffer(fingerprint, np.uint8)
+        buf.digests[row] = np.frombuffer(record_digest(view, index, fingerprint, stored), np.uint8)
         buf.filled[row] = True
         if buf.filled.all():
             del self._buffers[(view, shard)]
@@ -75,7 +82,8 @@ class CacheWriter:
             for name, data in buf.arrays.items():
                 # all-zero chunks are written too: a missing chunk must only ever mean damage
                 self.group[name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
-            self.group[fingerprint_path(view)].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = buf.fingerprints
+            for name, data in ((fingerprint_path(view), buf.fingerprints), (digest_path(view), buf.digests)):
+                self.group[name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
             # the flag goes last: a shard marked done is a shard whose every byte is stored
             self.group[done_path(view)][shard] = 1
             with self._lock:

@@ -9,6 +9,7 @@ DDP they are kept identical on every rank by softlabel.ddp.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from softlabel.augment import AugmentConfig, load_augment
+from softlabel.cache.lock import ReadLock
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
 from softlabel.ddp import average_gradients, broadcast_parameters
@@ -66,6 +68,11 @@ class DistillTrainer(DetectionTrainer):
         # a pruned student keeps its own narrower layers: Ultralytics would rebuild it from its yaml at full width
         pruned = pruned_model_or_none(weights, self.data["nc"])
         return pruned if pruned is not None else super().get_model(cfg, weights, verbose)
+
+    def train(self):
+        # the whole run, every rank alike (shared locks coexist): no dump may write or remove the cache under it
+        with ReadLock(self.cache) if self.cache else nullcontext():
+            return super().train()
 
     # -- data ------------------------------------------------------------------------------
 
@@ -198,15 +205,33 @@ class DistillTrainer(DetectionTrainer):
 
     def save_model(self):
         result = super().save_model()
-        torch.save({"distiller": self.distiller.state_dict(), "epoch": self.epoch}, self.wdir / DISTILL_STATE)
+        path = self.wdir / DISTILL_STATE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"distiller": self.distiller.state_dict(), "epoch": self.epoch}, tmp)
+        tmp.replace(path)  # a crash mid-write never leaves a half-written state under the real name
         return result
 
     def resume_training(self, ckpt):
         super().resume_training(ckpt)
         if ckpt is not None and self.resume:
-            state = Path(self.args.model).parent / DISTILL_STATE
-            if state.is_file():
-                self.distiller.load_state_dict(torch.load(state, map_location=self.device)["distiller"])
+            self.distiller.load_state_dict(read_distill_state(Path(self.args.model).parent / DISTILL_STATE, self.distiller, self.device))
+
+
+def read_distill_state(path: Path, distiller: torch.nn.Module, device) -> dict:
+    """The adapters' weights saved beside last.pt, read as plain tensors (weights_only: nothing in it may run).
+    Resuming without them would restart the adapters from random weights under a student that has
+    learned against them, so a missing or damaged file is refused, not skipped."""
+    if not path.is_file():
+        if not any(True for _ in distiller.parameters()):
+            return distiller.state_dict()  # no adapters: nothing was saved that resuming needs
+        raise UserError(f"{path}: missing; resuming needs it (it holds this run's distillation adapters); restore it "
+                        "beside last.pt, or start a new run")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)["distiller"]
+    except Exception as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot be read ({reason}); it holds this run's distillation adapters; restore it "
+                        "beside last.pt, or start a new run") from None
 
 
 def add_param_groups(optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], lr: float, decay: float) -> None:
