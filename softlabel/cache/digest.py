@@ -9,7 +9,7 @@ by the dump and recomputed by the reader; a moved, swapped or stale record fails
 
 CRC-32C and not a cryptographic hash: the seal guards against misplaced data, not forgery (whoever
 can write a store can recompute any unkeyed hash), and it runs on every read. For a default 640 px
-record (125 kB as stored) it took 9 us here against 157 us for blake2b-128. A misplaced record
+record (125 kB as stored) it takes 26 us here, against 137 us for blake2b-128. A misplaced record
 passes it with probability 2**-32; a record read under another view or index never does, since CRC
 catches every change confined to 32 consecutive bits, and the key is hashed first.
 """
