@@ -209,7 +209,9 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
     explicit = {k for k in OPTION_KEYS if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
     options = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers, seed=seed,
                    close_mosaic=close_mosaic, project=project, name=name, plots=plots)
-    options, extra = merge_options(options, explicit, parse_train_args(overrides))
+    given = parse_train_args(overrides)
+    typed = explicit | (set(given) & set(OPTION_KEYS))  # what the user wrote, either way
+    options, extra = merge_options(options, explicit, given)
     data, epochs, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots = (options[k] for k in OPTION_KEYS)
     if bool(cache) == bool(teacher):
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
@@ -225,6 +227,10 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
     args = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, close_mosaic=close_mosaic,
                 plots=plots, exist_ok=False)
     args.update({k: v for k, v in dict(device=device, project=project, name=name).items() if v is not None})
+    if extra.get("resume"):
+        # Ultralytics resumes with the run's own settings from last.pt and takes a few given ones (batch, device,
+        # close_mosaic, ...); softlabel's option defaults must not reach it as if the user had given them
+        args = {k: v for k, v in args.items() if k in typed or k in ("data", "imgsz")}  # data, imgsz: the cache's
     args.update(extra)
     rows = train_students(list(students), settings, **args)
     click.echo(render_table(rows))

@@ -98,7 +98,8 @@ def check_student(student: str) -> None:
         except Exception:
             return  # an unknown name is reported where the student is built, with the names it accepts
         if task != "detect":
-            raise UserError(f"{student}: a {task} model; softlabel trains detection students (e.g. yolov8n, yolo11s)")
+            what = f"a {task} model" if task else "not a model yaml Ultralytics can tell the task of"
+            raise UserError(f"{student}: {what}; softlabel trains detection students (e.g. yolov8n, yolo11s)")
         return
     raise UserError(f"{student}: a student is a model name (yolov8n), a model .yaml or a .pt checkpoint")
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from softlabel.errors import UserError
 from softlabel.student import resolve_student
 from softlabel.train.trainer import make_trainer
 
@@ -29,6 +30,9 @@ def train_students(students: list[str], trainer_settings: dict[str, Any], **trai
     from ultralytics.utils.torch_utils import get_flops, get_num_params
 
     models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
+    where, teacher = teacher_head(trainer_settings)
+    for student, model in zip(students, models):  # and a student that cannot learn from this teacher
+        check_student_fits(student, model.model, teacher, where)
     trainer = make_trainer(**trainer_settings)
     results = []
     for student, model in zip(students, models):
@@ -57,6 +61,33 @@ def train_students(students: list[str], trainer_settings: dict[str, Any], **trai
             )
         )
     return results
+
+
+def teacher_head(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(the cache or teacher path, the teacher's description as a cache records it)."""
+    if settings.get("cache"):
+        from softlabel.cache.reader import CacheReader
+
+        return settings["cache"], CacheReader(settings["cache"]).attrs["teacher"]
+    from softlabel.teacher import describe, read_checkpoint
+
+    path = settings["teacher_path"]
+    return path, describe(read_checkpoint(path, "teacher")[0], path).to_dict()
+
+
+def check_student_fits(student: str, model, teacher: dict[str, Any], where: str) -> None:
+    """The head a student is built with against its teacher's, before any student trains: the box form
+    (reg_max) and the levels (strides) must match; the class count is set from the data by Ultralytics."""
+    head = model.model[-1] if hasattr(model, "model") else None
+    if head is None or not hasattr(head, "reg_max") or not hasattr(head, "stride"):
+        raise UserError(f"{student}: not a detection model (no Detect head); softlabel trains detection students")
+    strides, reg_max = [int(s) for s in head.stride.tolist()], int(head.reg_max)
+    if reg_max != int(teacher["reg_max"]):
+        raise UserError(f"{student}: the student's Detect head has reg_max {reg_max} but the teacher of {where} has "
+                        f"reg_max {teacher['reg_max']}; a student of the teacher's box form is needed")
+    if strides != [int(s) for s in teacher["strides"]]:
+        raise UserError(f"{student}: the student predicts at strides {strides} but the teacher of {where} at "
+                        f"{list(teacher['strides'])}; a student with the teacher's levels is needed")
 
 
 def render_table(rows: list[StudentResult]) -> str:
