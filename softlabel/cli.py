@@ -125,10 +125,13 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half,
     )
+    from softlabel.cache.info import human_bytes
+
     result = run_dump(settings)
     click.echo(
-        f"{result.out}: {result.samples_done} sample-views written in {result.shards_written} shards "
-        f"({result.skipped_shards} shards were already done); views {', '.join(result.views)}"
+        f"{result.out}: {result.samples_done} sample-views written in {result.shards_written} shards, "
+        f"{human_bytes(result.disk_bytes)} on disk ({result.skipped_shards} shards were already done); "
+        f"views {', '.join(result.views)}"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import softlabel
 from softlabel.augment import load_augment
 from softlabel.cache import store
 from softlabel.cache.codecs import DEFAULT_CODEC, codec_choice
+from softlabel.cache.info import human_bytes
 from softlabel.cache.encoding import PRECISIONS, stored_dtype
 from softlabel.cache.lock import DumpLock
 from softlabel.cache.schema import FEATURE_LAYOUTS, Layout, build_attrs, settings_diff
@@ -37,6 +39,11 @@ from softlabel.views import DEFAULT_VIEWS
 DEFAULT_HEAD_TOPK = 512
 DEFAULT_HEAD_FLOOR = 0.005
 DEFAULT_FEATURE_ROWS = 64
+
+# A teacher too weak to score anchors above the floor keeps none, and the class, box and feature terms,
+# which read the kept anchors, are zero all training long. Measured on the first batch a dump runs,
+# before anything of it is written; below this many kept anchors per image on average, the dump warns.
+FEW_KEPT = 4
 
 
 @dataclass
@@ -79,6 +86,7 @@ class DumpResult:
     views: list[str] = field(default_factory=list)
     host_bytes: int = 0  # bytes copied from the teacher's device to the host, every batch run
     host_samples: int = 0  # sample-views those batches held
+    disk_bytes: int = 0  # what the shards this run wrote take on disk (compressed, with their indexes)
 
     @property
     def host_bytes_per_sample_view(self) -> float:
@@ -295,6 +303,18 @@ def open_for_dump(out: str, attrs: dict, overwrite: bool, sample_paths: list[str
     return store.create(out, attrs, layout, sample_paths), layout
 
 
+def warn_few_kept(counts: np.ndarray, layout: Layout, bar) -> None:
+    """One warning line when a typical image keeps fewer than FEW_KEPT anchors."""
+    if counts.mean() >= FEW_KEPT:
+        return
+    floor, cap = layout.sparse.get("floor"), layout.sparse["topk"]
+    bar.write(
+        f"softlabel: warning: the teacher keeps {counts.mean():.1f} anchors per image on average (min {counts.min()}, "
+        f"max {counts.max()}) above --head-floor {floor} in its first {len(counts)} images; the class, box and feature "
+        f"terms read the kept anchors and will be near zero. Use a better-trained teacher, or a lower --head-floor "
+        f"(0 keeps the top {cap} of every image)", file=sys.stderr)
+
+
 def _ranks() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain run."""
     env = os.environ
@@ -358,11 +378,15 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
     desc = f"dump {Path(settings.out).name}" + (f" rank {rank}/{world}" if world > 1 else "")
     bar = tqdm(total=len(items), unit="img", desc=desc, disable=not settings.progress, dynamic_ncols=True, position=rank)
     written, host_bytes, host_samples = 0, 0, 0
+    first = bool(layout.sparse)
     try:
         for view_keys, indices, images, fps in loader:
             out = teacher(to_model_input(images, teacher.device))
             # selected and quantised where the teacher ran: only the stored arrays cross to the host
             stored, copied = to_host(encode_batch(out.head, out.feat, layout))
+            if first:
+                warn_few_kept((stored["head/index"] >= 0).sum(1), layout, bar)
+                first = False
             host_bytes += copied
             host_samples += len(indices)
             for b, (view, i) in enumerate(zip(view_keys, indices)):
@@ -373,7 +397,7 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
                 writer.add(view, i, tensors, fps[b])
                 written += 1
             bar.update(len(indices))
-            bar.set_postfix_str(f"{writer.bytes_written / 1e6:.1f} MB written", refresh=False)
+            bar.set_postfix_str(f"{human_bytes(writer.disk_bytes)} of shards on disk", refresh=False)
     except BaseException:
         writer.abort()  # shards already complete still land; the rest resume next time
         raise
@@ -381,4 +405,5 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         writer.close()
     finally:
         bar.close()
-    return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views], host_bytes, host_samples)
+    return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views], host_bytes, host_samples,
+                      writer.disk_bytes)

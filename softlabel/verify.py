@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from softlabel.augment import AugmentConfig
+from softlabel.cache import store
+from softlabel.cache.info import kept_anchor_stats, render_kept
 from softlabel.cache.presence import check_shard, shard_key
 from softlabel.cache.reader import CacheReader, MisplacedRecord
 from softlabel.cache.schema import digest_path, fingerprint_path
@@ -53,6 +56,7 @@ class VerifyReport:
     atol: float = 0.0
     rtol: float = 0.0
     compute: str = ""  # the teacher's precision in the dump and in this check
+    kept: dict | None = None  # anchors a sparse store keeps per image (softlabel.cache.info.kept_anchor_stats)
 
     @property
     def ok(self) -> bool:
@@ -120,10 +124,13 @@ def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
     each record's digest must bind it to its own view and sample (a moved or swapped shard passes CRC)."""
     done = reader.done()
     layout = reader.layout
+    bar = tqdm(total=int(sum(d.sum() for d in done.values())), desc="verify: checksums and seals", unit="shard",
+               disable=None, leave=False)  # drawn on a terminal only
     for view in layout.views:
         names = list(layout.per_sample(view))
         stored_names = [(name, name[len(view) + 1 :]) for name in layout.stored(view)]
         for shard in np.flatnonzero(done[view]):
+            bar.update()
             start, stop = layout.shard_range(int(shard))
             rows: dict[str, list] = {}
             broken: set[int] = set()
@@ -153,6 +160,7 @@ def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
                 report.records_checked += 1
                 if why:
                     report.misplaced.append(f"view {view}, {reader.sample_name(i)}, shard {shard}")
+    bar.close()
 
 
 def check_attributes(reader: CacheReader, report: VerifyReport, index, spec) -> None:
@@ -239,6 +247,8 @@ def run_verify(
     rtol = default_rtol if rtol is None else rtol
     report = VerifyReport(atol=atol, rtol=rtol)
     check_presence(reader, report)
+    if not report.incomplete:
+        report.kept = kept_anchor_stats(store.open_group(location, mode="r"), reader.layout)
     if report.incomplete:
         report.resume = resume_command(attrs.get("command"), location)
     if scan:
@@ -262,7 +272,7 @@ def run_verify(
     replay = Replay(index, AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
     done = reader.done()
     candidates = [(v, i) for v, i in pick_samples(reader.layout.views, samples, len(index)) if done[v][i // reader.layout.shard_size]]
-    for view_key, i in candidates:
+    for view_key, i in tqdm(candidates, desc="verify: against the live teacher", unit="sample", disable=None, leave=False):
         s = replay(i, View.parse(view_key))
         report.fingerprints_checked += 1
         try:
@@ -347,6 +357,7 @@ def render(report: VerifyReport) -> str:
     else:
         lines.append("complete      yes, every shard of every view is done")
     lines += [
+        *([f"kept          {render_kept(report.kept)}"] if report.kept is not None else []),
         f"presence      {report.shards_checked} shard indexes read, {len(report.missing)} with missing data",
         *(f"  missing     {m}" for m in report.missing),
         f"checksums     {report.chunks_checked} sample chunks read, {len(report.corrupt)} corrupt",

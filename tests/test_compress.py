@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 from conftest import assert_clean_error, run_cli
+import numpy as np
 import torch
 
 from softlabel.errors import UserError
 from softlabel.prune import PRUNED_ATTR, is_pruned, level_channels, load_detector, prune_detector, pruned_model_or_none
 from softlabel.teacher import save_checkpoint_from_yaml
 from softlabel.toydata import NAMES
-from softlabel.train import DistillTrainer
+from softlabel.train import make_trainer
 
 IMGSZ = 64
 
@@ -95,18 +97,10 @@ def test_seam_returns_only_pruned_students_with_the_data_classes(pruned, origina
         pruned_model_or_none(small, nc=5)
 
 
-class PrunedAwareTrainer(DistillTrainer):
-    """What DistillTrainer.get_model does once the seam is in place: a pruned student is kept, not rebuilt."""
-
-    def get_model(self, cfg=None, weights=None, verbose=True):
-        pruned = pruned_model_or_none(weights, self.data["nc"])
-        return pruned if pruned is not None else super().get_model(cfg, weights, verbose)
-
-
 def test_pruned_student_fine_tunes_from_the_cache_and_stays_pruned(tmp_path, pruned, cache, dataset):
     from ultralytics import YOLO
 
-    trainer = type("PrunedSoftlabelTrainer", (PrunedAwareTrainer,), {"cache": str(cache)})  # as make_trainer does
+    trainer = make_trainer(cache=str(cache))  # the production trainer: its get_model keeps a pruned student
     student = YOLO(str(pruned))
     n_pruned = _params(student.model)
     student.train(trainer=trainer, data=str(dataset), epochs=1, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
@@ -126,9 +120,18 @@ def test_onnx_fp32_and_int8_export_validate_and_int8_is_smaller(tmp_path, pruned
     report = json.loads(r.stdout[r.stdout.index("{"):])
     rows = {row["precision"]: row for row in report["rows"]}
     assert set(rows) == {"fp32", "int8"} and report["calib_images"] == 6
+    import onnxruntime as ort
+
     for row in rows.values():
-        assert Path(row["path"]).is_file() and row["path"].endswith(".onnx")
-        assert 0.0 <= row["map50_95"] <= row["map50"] <= 1.0 and row["latency_ms"] > 0
+        assert Path(row["path"]).is_file() and row["path"].endswith(".onnx") and row["latency_ms"] > 0
+    # the FP32 file computes the pruned model: same raw predictions on the same input
+    model = load_detector(str(pruned))[0].float().eval()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)[0].numpy()
+    session = ort.InferenceSession(rows["fp32"]["path"], providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert theirs.shape == ours.shape and np.allclose(theirs, ours, rtol=1e-3, atol=1e-3 * float(np.abs(ours).max()))
     assert rows["int8"]["size_mb"] < 0.5 * rows["fp32"]["size_mb"]
 
 
@@ -141,7 +144,12 @@ def test_openvino_fp32_and_int8_export_validate(tmp_path, pruned, dataset):
                         calib_images=4, runs=2)
     rows = {row.precision: row for row in report.rows}
     assert Path(rows["int8"].path).is_dir() and rows["int8"].size_mb < 0.5 * rows["fp32"].size_mb
-    assert all(0.0 <= row.map50_95 <= 1.0 for row in rows.values())
+    from ultralytics import YOLO
+
+    for row in rows.values():  # each reported mAP is the validator's on that very model
+        again = YOLO(row.path, task="detect").val(data=str(dataset), imgsz=IMGSZ, batch=1, rect=False, device="cpu",
+                                                  plots=False, project=str(tmp_path / "val"), verbose=False)
+        assert math.isclose(row.map50_95, float(again.box.map), abs_tol=1e-6), (row, again.box.map)
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, original, dataset):

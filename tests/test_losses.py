@@ -290,10 +290,14 @@ def test_schedule_unknown_kind_lists_valid():
         sch.factor(0, 10, False)
 
 
-def test_schedule_factor_is_pure():
-    sch = DistillSchedule(weight="cosine")
-    assert sch.factor(3, 10, False) == sch.factor(3, 10, False)
-    assert math.isclose(sch.factor(0, 10, False), 1.0)
+def test_schedule_factor_depends_on_its_arguments_only():
+    """Resume and NaN recovery ask for an epoch's factor again, out of order: it must not carry state."""
+    sch = DistillSchedule(weight="cosine", warmup_epochs=1)
+    forward = [sch.factor(e, 10, False) for e in range(10)]
+    backward = [sch.factor(e, 10, False) for e in reversed(range(10))][::-1]
+    assert forward == backward
+    assert forward[0] == 0.0 and math.isclose(forward[1], 1.0)
+    assert math.isclose(forward[4], 0.5 * (1 + math.cos(math.pi * 3 / 8)))  # 3 of 8 post-warm-up steps
 
 
 def test_mlp_adapter_is_two_layers_and_trains():

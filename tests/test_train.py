@@ -166,6 +166,38 @@ def test_default_store_loss_is_close_to_the_live_teacher(tmp_path, dataset, v8s_
     assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)
 
 
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, dataset):
+    """A yolov8n teacher trained until it scores anchors above the default floor (20 epochs, ~10 s):
+    a random one keeps none, and the sparse terms would compare zero with zero."""
+    from ultralytics import YOLO
+
+    root = tmp_path_factory.mktemp("trained")
+    YOLO("yolov8n.yaml").train(data=str(dataset), epochs=20, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
+                               project=str(root), name="t", seed=0, nbs=4, amp=False, val=False, optimizer="SGD", lr0=0.02,
+                               warmup_epochs=0, mosaic=0.0, close_mosaic=0, verbose=False)
+    return root / "t" / "weights" / "last.pt"
+
+
+def test_default_store_at_the_default_floor_is_the_live_teacher(tmp_path, dataset, trained_teacher):
+    """Contract 3 for the store as users get it: int8, sparse head at the default floor (0.005), feature
+    rows; a trained teacher keeps some anchors in some images and none in others. Every term, the box
+    term on the kept anchors included, is within 1% of the live teacher's whole outputs."""
+    out = tmp_path / "default.zarr"
+    r = run_cli("dump", "--teacher", trained_teacher, "--data", dataset, "--out", out, "--imgsz", IMGSZ, "--batch", 4,
+                "--views", 1, "--close-views", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    reader = CacheReader(str(out))
+    assert reader.attrs["storage"]["head_sparse"]["floor"] == 0.005
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 0), reader)
+    teacher, from_cache, from_live = _cache_and_live_terms(_batch(ds, [(i, 0) for i in range(12)]), trained_teacher)
+    kept = teacher.counts if teacher.counts is not None else (teacher.index >= 0).sum(1)
+    assert int(kept.sum()) > 0 and int(kept.min()) < int(kept.max()), kept  # anchors kept, and not alike in every image
+    for key in ("kd_cls", "kd_box", "kd_feat"):
+        a, b = float(from_cache[key].detach()), float(from_live[key].detach())
+        assert b > 0 and abs(a - b) <= 0.01 * b, (key, a, b)
+
+
 def _train_args(tmp_path, dataset, **kw):
     args = dict(data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu", plots=False,
                 project=str(tmp_path / "runs"), seed=0, nbs=4, close_mosaic=1, exist_ok=True, amp=False)
@@ -202,9 +234,12 @@ def test_checkpoint_reloads_predicts_and_exports_onnx(tmp_path, cache, dataset):
     model = YOLO("yolo11n.yaml")
     model.train(trainer=make_trainer(cache=str(cache)), name="x", **_train_args(tmp_path, dataset, epochs=1, close_mosaic=0))
     best = Path(model.trainer.best)
+    trained = {k: v.detach().half() for k, v in model.trainer.ema.ema.state_dict().items()}  # what training ended with
     plain = YOLO(str(best))
+    loaded = plain.model.state_dict()
+    assert set(loaded) == set(trained) and all(torch.equal(loaded[k].half(), trained[k]) for k in trained)
     metrics = plain.val(data=str(dataset), imgsz=IMGSZ, batch=4, device="cpu", plots=False, project=str(tmp_path / "v"))
-    assert 0.0 <= metrics.box.map <= 1.0
+    assert metrics.box.map == pytest.approx(model.trainer.metrics["metrics/mAP50-95(B)"], abs=1e-6)
     image = next((Path(load_data_yaml(dataset).root) / "images" / "val").iterdir())
     plain.predict(str(image), imgsz=IMGSZ, device="cpu", verbose=False)
     onnx = plain.export(format="onnx", imgsz=IMGSZ, device="cpu")

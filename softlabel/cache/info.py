@@ -5,8 +5,35 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 from softlabel.cache import store
 from softlabel.cache.schema import Layout
+
+
+KEPT_SAMPLE = 256  # samples of each view whose kept anchors info and verify count: a few kB of indices each
+
+
+def kept_anchor_stats(group, layout: Layout, limit: int = KEPT_SAMPLE) -> dict[str, Any] | None:
+    """Anchors a sparse store keeps per image, over the first `limit` samples of every finished view
+    (None for a dense head, which keeps every anchor)."""
+    if not layout.sparse:
+        return None
+    counts = []
+    for view in layout.views:
+        n = min(layout.count, limit)
+        index = np.asarray(group[f"{view}/head/index"][:n])
+        counts.append((index >= 0).sum(1))
+    c = np.concatenate(counts)
+    return {"samples": int(c.size), "mean": float(c.mean()), "min": int(c.min()), "max": int(c.max()),
+            "none": float((c == 0).mean()), "cap": int(layout.sparse["topk"]), "floor": layout.sparse.get("floor")}
+
+
+def render_kept(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "every anchor (dense head)"
+    return (f"{stats['mean']:.1f} per image on average (min {stats['min']}, max {stats['max']}; cap {stats['cap']}, "
+            f"floor {stats['floor']}), {stats['none']:.0%} of images keep none; over {stats['samples']} sample-views")
 
 
 def summarize(location: str) -> dict[str, Any]:
@@ -38,13 +65,14 @@ def summarize(location: str) -> dict[str, Any]:
         "storage": attrs["storage"],
         "views": views,
         "complete": all(bool(d.all()) for d in flags.values()),
+        "kept_anchors": kept_anchor_stats(group, layout) if all(bool(d.all()) for d in flags.values()) else None,
         "bytes_total": int(sum(sizes.values())),
         "bytes_per_sample_view": {k: (v / samples_done if samples_done else 0.0) for k, v in sorted(per_tensor.items())},
         "bytes_per_sample_view_total": {k: (v / samples_done if samples_done else 0.0) for k, v in totals.items()},
     }
 
 
-def _mb(n: float) -> str:
+def human_bytes(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
@@ -65,10 +93,11 @@ def render(summary: dict[str, Any]) -> str:
         + (f", rows for the first {s['head_sparse']['feature_rows']} kept anchors" if (s.get("head_sparse") or {}).get("feature_rows") else ""),
         "views      " + "  ".join(f"{v}: {x['shards_done']}/{x['shards_total']}" for v, x in summary["views"].items()),
         f"complete   {'yes' if summary['complete'] else 'no (run the same dump command again to resume)'}",
-        f"on disk    {_mb(summary['bytes_total'])} in total; per sample-view:",
+        *([f"kept       {render_kept(summary['kept_anchors'])}"] if summary["complete"] else []),
+        f"on disk    {human_bytes(summary['bytes_total'])} in total; per sample-view:",
     ]
     for name, nbytes in summary["bytes_per_sample_view"].items():
-        lines.append(f"           {name:<18} {_mb(nbytes)}")
+        lines.append(f"           {name:<18} {human_bytes(nbytes)}")
     for name, nbytes in summary["bytes_per_sample_view_total"].items():
-        lines.append(f"           {name + ' (all)':<18} {_mb(nbytes)}")
+        lines.append(f"           {name + ' (all)':<18} {human_bytes(nbytes)}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ owners would lose rows), and its done flag is set only after every array of it i
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import numpy as np
 import zarr
 
 from softlabel.cache.digest import DIGEST_BYTES, record_digest
+from softlabel.cache.presence import shard_key
 from softlabel.cache.schema import Layout, digest_path, done_path, fingerprint_path
 from softlabel.errors import UserError
 from softlabel.replay import FINGERPRINT_BYTES
@@ -45,6 +47,7 @@ class CacheWriter:
         self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
         self._futures: list[Future] = []
         self.bytes_written = 0  # stored (uncompressed) bytes handed to the store
+        self.disk_bytes = 0  # what the written shard objects take on disk or in the object store (compressed)
         self.shards_written = 0
         self._lock = threading.Lock()
 
@@ -86,13 +89,24 @@ class CacheWriter:
                 self.group[name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
             # the flag goes last: a shard marked done is a shard whose every byte is stored
             self.group[done_path(view)][shard] = 1
+            names = [*buf.arrays, fingerprint_path(view), digest_path(view), done_path(view)]  # every object of the shard
+            disk = sum(self._object_size(shard_key(name, shard, self.group[name].ndim)) for name in names)
             with self._lock:
+                self.disk_bytes += disk
                 self.bytes_written += sum(a.nbytes for a in buf.arrays.values())
                 self.shards_written += 1
         except OSError as e:
             raise UserError(f"writing shard {shard} of view {view} failed: {e.strerror or e}; the store resumes from the last finished shard") from e
         finally:
             self._slots.release()
+
+    def _object_size(self, key: str) -> int:
+        """Bytes of one stored object, as the store holds it (a local file, or an object behind fsspec)."""
+        st = self.group.store
+        root = getattr(st, "root", None)
+        if root is not None and not hasattr(st, "fs"):
+            return os.path.getsize(os.path.join(str(root), self.group.path, key))
+        return int(st.fs.size(f"{st.path.rstrip('/')}/{self.group.path + '/' if self.group.path else ''}{key}"))
 
     def raise_errors(self) -> None:
         """Surface the first failed write in the caller's thread."""

@@ -169,6 +169,14 @@ class DistillTrainer(DetectionTrainer):
         # the old iterator may have drawn ahead; the new one starts at this epoch
         self.epoch_sampler.next_epoch = self.epoch
 
+    def label_loss_items(self, loss_items=None, prefix="train"):
+        # validation batches carry no teacher tensors, so a val/kd_* column would only ever hold zeros
+        out = super().label_loss_items(loss_items, prefix)
+        if prefix != "val":
+            return out
+        kd = lambda key: key.split("/", 1)[-1].startswith("kd_")  # noqa: E731
+        return [k for k in out if not kd(k)] if isinstance(out, list) else {k: v for k, v in out.items() if not kd(k)}
+
     # -- distillation modules ------------------------------------------------------------------
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
