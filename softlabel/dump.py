@@ -374,7 +374,7 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         pin_memory=teacher.device.type == "cuda",
         prefetch_factor=4 if settings.workers else None,
     )
-    writer = CacheWriter(group, layout)
+    writer = CacheWriter(group, layout, settings.out)
     desc = f"dump {Path(settings.out).name}" + (f" rank {rank}/{world}" if world > 1 else "")
     bar = tqdm(total=len(items), unit="img", desc=desc, disable=not settings.progress, dynamic_ncols=True, position=rank)
     written, host_bytes, host_samples = 0, 0, 0

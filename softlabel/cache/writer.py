@@ -8,11 +8,11 @@ owners would lose rows), and its done flag is set only after every array of it i
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import zarr
 
@@ -39,8 +39,10 @@ class _ShardBuffer:
 class CacheWriter:
     """Collects per-sample tensors and writes complete shards on a small thread pool."""
 
-    def __init__(self, group: zarr.Group, layout: Layout, threads: int = 2, max_pending: int = 4):
+    def __init__(self, group: zarr.Group, layout: Layout, location: str, threads: int = 2, max_pending: int = 4):
         self.group = group
+        self.location = str(location)  # where the store is, for the size of what was written
+        self._fs = self._root = None
         self.layout = layout
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="softlabel-writer")
         self._slots = threading.BoundedSemaphore(max_pending)  # bounds memory held by shards in flight
@@ -101,12 +103,10 @@ class CacheWriter:
             self._slots.release()
 
     def _object_size(self, key: str) -> int:
-        """Bytes of one stored object, as the store holds it (a local file, or an object behind fsspec)."""
-        st = self.group.store
-        root = getattr(st, "root", None)
-        if root is not None and not hasattr(st, "fs"):
-            return os.path.getsize(os.path.join(str(root), self.group.path, key))
-        return int(st.fs.size(f"{st.path.rstrip('/')}/{self.group.path + '/' if self.group.path else ''}{key}"))
+        """Bytes of one stored object as the store holds it: a local file, or an object at an fsspec URL."""
+        if self._fs is None:
+            self._fs, self._root = fsspec.core.url_to_fs(self.location)
+        return int(self._fs.size(f"{self._root.rstrip('/')}/{key}"))
 
     def raise_errors(self) -> None:
         """Surface the first failed write in the caller's thread."""
