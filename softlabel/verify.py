@@ -216,11 +216,11 @@ def _short(v) -> str:
 
 def pick_samples(views: list[str], count: int, n: int) -> list[tuple[str, int]]:
     """Spread the checked samples over every view and over the whole dataset."""
+    per_view = min(n, -(-count // len(views)))  # a count past every sample of every view checks them all
     picks = []
-    for k in range(min(n * len(views), count)):
+    for k in range(min(per_view * len(views), count)):
         view = views[k % len(views)]
-        i = int(round((k // len(views)) * n / max(1, -(-count // len(views))))) % n
-        picks.append((view, i))
+        picks.append((view, int((k // len(views)) * n / per_view)))
     return sorted(set(picks))
 
 
@@ -278,12 +278,15 @@ def run_verify(
         try:
             cached = reader.read(view_key, i)
         except MisplacedRecord:
-            report.records_checked += 1
-            report.misplaced.append(f"view {view_key}, {reader.sample_name(i)}, shard {i // reader.layout.shard_size}")
+            report.records_checked += 0 if scan else 1  # the scan has counted, and named, every record
+            found = f"view {view_key}, {reader.sample_name(i)}, shard {i // reader.layout.shard_size}"
+            if found not in report.misplaced:
+                report.misplaced.append(found)
             continue
         except Exception as e:
             report.corrupt.append(f"{view_key} sample {i}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
+        report.records_checked += 0 if scan else 1
         if cached.fingerprint != s.fingerprint:
             report.fingerprint_mismatches.append(f"{view_key} sample {i} ({index.images[i].name})")
             continue
