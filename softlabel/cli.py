@@ -130,7 +130,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
     result = run_dump(settings)
     click.echo(
         f"{result.out}: {result.samples_done} sample-views written in {result.shards_written} shards, "
-        f"{human_bytes(result.disk_bytes)} on disk ({result.skipped_shards} shards were already done); "
+        f"{human_bytes(result.disk_bytes)} of shards on disk ({result.skipped_shards} shards were already done); "
         f"views {', '.join(result.views)}"
     )
 

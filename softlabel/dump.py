@@ -403,6 +403,7 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         raise
     else:
         writer.close()
+        bar.set_postfix_str(f"{human_bytes(writer.disk_bytes)} of shards on disk")  # the last shards land after the loop
     finally:
         bar.close()
     return DumpResult(settings.out, written, writer.shards_written, skipped, [v.key for v in views], host_bytes, host_samples,

@@ -41,7 +41,7 @@ def test_dump_bytes_are_the_bytes_its_shards_take_on_disk(tmp_path, dataset, tea
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert result.disk_bytes > 0.5 * total  # the rest is zarr.json metadata and the sample paths
     r = run_cli("dump", "--teacher", teacher, "--data", dataset, "--out", tmp_path / "d.zarr", *DUMP, "--quiet")
-    assert f"written in 9 shards, {shards / 1e6:.2f} MB on disk" in r.stdout, (r.stdout, shards)
+    assert f"written in 9 shards, {shards / 1e6:.2f} MB of shards on disk" in r.stdout, (r.stdout, shards)
 
 
 def test_results_csv_has_no_distillation_column_that_validation_cannot_fill(tmp_path, dataset, teacher):
