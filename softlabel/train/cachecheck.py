@@ -1,6 +1,9 @@
-"""Checks that what a trainer reads belongs to its run: the cache's data and settings, each batch's epoch."""
+"""Checks that what a trainer reads belongs to its run: the cache's data and settings, each batch's epoch, and a
+student whose head can learn from the teacher's."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from softlabel.checks import check_class_names
 from softlabel.errors import UserError
@@ -52,3 +55,18 @@ def check_config_fits_cache(config, attrs: dict, where: str) -> None:
             f"holds feature vectors for; use positions <= {f}, or dump with 'softlabel dump --feature-rows {term.positions}' "
             f"or more (with --head-topk at least that)"
         )
+
+
+def check_student_fits(student: str, model, teacher: dict[str, Any], where: str) -> None:
+    """The head a student is built with against its teacher's, before any student trains: the box form
+    (reg_max) and the levels (strides) must match; the class count is set from the data by Ultralytics."""
+    head = model.model[-1] if hasattr(model, "model") else None
+    if head is None or not hasattr(head, "reg_max") or not hasattr(head, "stride"):
+        raise UserError(f"{student}: not a detection model (no Detect head); softlabel trains detection students")
+    strides, reg_max = [int(s) for s in head.stride.tolist()], int(head.reg_max)
+    if reg_max != int(teacher["reg_max"]):
+        raise UserError(f"{student}: the student's Detect head has reg_max {reg_max} but the teacher of {where} has "
+                        f"reg_max {teacher['reg_max']}; a student of the teacher's box form is needed")
+    if strides != [int(s) for s in teacher["strides"]]:
+        raise UserError(f"{student}: the student predicts at strides {strides} but the teacher of {where} at "
+                        f"{list(teacher['strides'])}; a student with the teacher's levels is needed")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from softlabel.errors import UserError
 from softlabel.student import resolve_student
+from softlabel.train.cachecheck import check_student_fits
 from softlabel.train.trainer import make_trainer
 
 
@@ -73,21 +73,6 @@ def teacher_head(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
     path = settings["teacher_path"]
     return path, describe(read_checkpoint(path, "teacher")[0], path).to_dict()
-
-
-def check_student_fits(student: str, model, teacher: dict[str, Any], where: str) -> None:
-    """The head a student is built with against its teacher's, before any student trains: the box form
-    (reg_max) and the levels (strides) must match; the class count is set from the data by Ultralytics."""
-    head = model.model[-1] if hasattr(model, "model") else None
-    if head is None or not hasattr(head, "reg_max") or not hasattr(head, "stride"):
-        raise UserError(f"{student}: not a detection model (no Detect head); softlabel trains detection students")
-    strides, reg_max = [int(s) for s in head.stride.tolist()], int(head.reg_max)
-    if reg_max != int(teacher["reg_max"]):
-        raise UserError(f"{student}: the student's Detect head has reg_max {reg_max} but the teacher of {where} has "
-                        f"reg_max {teacher['reg_max']}; a student of the teacher's box form is needed")
-    if strides != [int(s) for s in teacher["strides"]]:
-        raise UserError(f"{student}: the student predicts at strides {strides} but the teacher of {where} at "
-                        f"{list(teacher['strides'])}; a student with the teacher's levels is needed")
 
 
 def render_table(rows: list[StudentResult]) -> str:

@@ -30,7 +30,7 @@ from softlabel.errors import UserError
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay
 from softlabel.teacher import Teacher, level_name
-from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch
+from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch, check_student_fits
 from softlabel.train.criterion import DistillLoss
 from softlabel.train.dataset import DistillDataset
 from softlabel.train.plan import ViewPlan, views_advice
@@ -129,12 +129,11 @@ class DistillTrainer(DetectionTrainer):
         return DistillDataset(self.replay, self.plan, self.reader)
 
     def _check_student(self) -> None:
-        levels, _, reg_max, strides, nc = student_levels(self.model)
-        t = self.teacher_head
-        where = self.cache or self.teacher_path
-        for what, mine, theirs in (("classes", nc, t["nc"]), ("reg_max", reg_max, t["reg_max"]), ("strides", strides, list(t["strides"]))):
-            if mine != theirs:
-                raise UserError(f"{where}: the student has {what} {mine} but the teacher has {what} {theirs}")
+        # as built for this data: the same head checks as before training starts (runner), and the classes
+        nc, t, where = student_levels(self.model)[4], self.teacher_head, self.cache or self.teacher_path
+        if nc != t["nc"]:
+            raise UserError(f"{where}: the student has classes {nc} but the teacher has classes {t['nc']}")
+        check_student_fits(str(self.args.model), unwrap_model(self.model), t, where)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         if mode != "train":
