@@ -108,6 +108,28 @@ def test_infinite_loader_with_workers_delivers_each_epoch_in_order(cache, datase
     loader.reset()
 
 
+def test_trainer_with_workers_hands_each_epoch_over_and_closes_mosaic(tmp_path, cache, dataset):
+    """The trainer itself with DataLoader workers (Ultralytics forces 0 on a CPU; this test gives it 2): the
+    persistent workers prefetch into the next epoch, the closing epoch rebuilds the iterator, and every batch
+    must still belong to the epoch that trains on it (preprocess_batch checks each one)."""
+    from ultralytics import YOLO
+
+    class WithWorkers(make_trainer(cache=str(cache))):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.args.workers = 2
+
+    epochs = {}
+
+    def record(trainer):
+        epochs[trainer.epoch] = (trainer.train_loader.num_workers, trainer.plan.view(trainer.epoch).key)
+
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_train_epoch_end", record)
+    model.train(trainer=WithWorkers, name="w", **_train_args(tmp_path, dataset, epochs=4, close_mosaic=2))
+    assert epochs == {0: (2, "v0"), 1: (2, "v1"), 2: (2, "c0"), 3: (2, "c0")}, epochs
+
+
 def test_other_seed_is_stopped_naming_sample_and_view(cache, dataset):
     reader = CacheReader(str(cache))
     ds = DistillDataset(_replay_for(reader, dataset, seed=12345), ViewPlan(2, 0, 2, 1), reader)

@@ -140,7 +140,7 @@ class DistillTrainer(DetectionTrainer):
             return super().get_dataloader(dataset_path, batch_size, rank, mode)
         dataset = self.build_dataset(dataset_path, mode, batch_size)
         world = max(self.world_size, 1)
-        workers = min(self.args.workers if self.device.type != "cpu" else 0, batch_size)
+        workers = min(self.args.workers, batch_size)  # Ultralytics has set 0 on a CPU already
         self.epoch_sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world,
                                           groups=dataset.epoch_groups, batch=batch_size, workers=workers)
         return InfiniteDataLoader(
