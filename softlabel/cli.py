@@ -117,6 +117,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
     other settings is refused with the list of what differs.
     """
     from softlabel.cache.codecs import DEFAULT_CODEC
+    from softlabel.cache.info import human_bytes
     from softlabel.dump import DumpSettings, run_dump
 
     settings = DumpSettings(
@@ -125,8 +126,6 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half,
     )
-    from softlabel.cache.info import human_bytes
-
     result = run_dump(settings)
     click.echo(
         f"{result.out}: {result.samples_done} sample-views written in {result.shards_written} shards, "

@@ -248,7 +248,7 @@ def run_verify(
     report = VerifyReport(atol=atol, rtol=rtol)
     check_presence(reader, report)
     if not report.incomplete:
-        report.kept = kept_anchor_stats(store.open_group(location, mode="r"), reader.layout)
+        report.kept = kept_anchor_stats(store.open_group(location, mode="r"), reader.layout, location)
     if report.incomplete:
         report.resume = resume_command(attrs.get("command"), location)
     if scan:
@@ -360,7 +360,7 @@ def render(report: VerifyReport) -> str:
     else:
         lines.append("complete      yes, every shard of every view is done")
     lines += [
-        *([f"kept          {render_kept(report.kept)}"] if report.kept is not None else []),
+        *([f"kept          {render_kept(report.kept, True)}"] if report.kept is not None else []),
         f"presence      {report.shards_checked} shard indexes read, {len(report.missing)} with missing data",
         *(f"  missing     {m}" for m in report.missing),
         f"checksums     {report.chunks_checked} sample chunks read, {len(report.corrupt)} corrupt",

@@ -14,24 +14,30 @@ from softlabel.cache.schema import Layout
 KEPT_SAMPLE = 256  # samples of each view whose kept anchors info and verify count: a few kB of indices each
 
 
-def kept_anchor_stats(group, layout: Layout, limit: int = KEPT_SAMPLE) -> dict[str, Any] | None:
+def kept_anchor_stats(group, layout: Layout, location: str, limit: int = KEPT_SAMPLE) -> dict[str, Any] | None:
     """Anchors a sparse store keeps per image, over the first `limit` samples of every finished view
-    (None for a dense head, which keeps every anchor)."""
+    (None for a dense head, which keeps every anchor, and where the indices cannot be read: the checks
+    that look for damage name it)."""
     if not layout.sparse:
         return None
     counts = []
+    n = min(layout.count, limit)
     for view in layout.views:
-        n = min(layout.count, limit)
-        index = np.asarray(group[f"{view}/head/index"][:n])
+        try:
+            index = np.asarray(store.open_array(group, f"{view}/head/index", location)[:n])
+        except Exception:  # a missing array or a chunk failing its checksum
+            return None
         counts.append((index >= 0).sum(1))
     c = np.concatenate(counts)
     return {"samples": int(c.size), "mean": float(c.mean()), "min": int(c.min()), "max": int(c.max()),
             "none": float((c == 0).mean()), "cap": int(layout.sparse["topk"]), "floor": layout.sparse.get("floor")}
 
 
-def render_kept(stats: dict[str, Any] | None) -> str:
-    if stats is None:
+def render_kept(stats: dict[str, Any] | None, sparse: bool) -> str:
+    if not sparse:
         return "every anchor (dense head)"
+    if stats is None:
+        return "the kept-anchor indices cannot be read: the store is damaged, 'softlabel verify' names what"
     return (f"{stats['mean']:.1f} per image on average (min {stats['min']}, max {stats['max']}; cap {stats['cap']}, "
             f"floor {stats['floor']}), {stats['none']:.0%} of images keep none; over {stats['samples']} sample-views")
 
@@ -47,6 +53,7 @@ def summarize(location: str) -> dict[str, Any]:
         n = sum(stop - start for s, (start, stop) in enumerate(map(layout.shard_range, range(layout.n_shards))) if done[s])
         samples_done += n
         views[view] = {"shards_done": int(done.sum()), "shards_total": layout.n_shards, "samples_done": n}
+    complete = all(bool(d.all()) for d in flags.values())
     sizes = store.stored_bytes(group)
     per_tensor: dict[str, int] = defaultdict(int)
     for path, nbytes in sizes.items():
@@ -64,8 +71,8 @@ def summarize(location: str) -> dict[str, Any]:
         "augment": attrs["augment"],
         "storage": attrs["storage"],
         "views": views,
-        "complete": all(bool(d.all()) for d in flags.values()),
-        "kept_anchors": kept_anchor_stats(group, layout) if all(bool(d.all()) for d in flags.values()) else None,
+        "complete": complete,
+        "kept_anchors": kept_anchor_stats(group, layout, location) if complete else None,
         "bytes_total": int(sum(sizes.values())),
         "bytes_per_sample_view": {k: (v / samples_done if samples_done else 0.0) for k, v in sorted(per_tensor.items())},
         "bytes_per_sample_view_total": {k: (v / samples_done if samples_done else 0.0) for k, v in totals.items()},
@@ -93,7 +100,7 @@ def render(summary: dict[str, Any]) -> str:
         + (f", rows for the first {s['head_sparse']['feature_rows']} kept anchors" if (s.get("head_sparse") or {}).get("feature_rows") else ""),
         "views      " + "  ".join(f"{v}: {x['shards_done']}/{x['shards_total']}" for v, x in summary["views"].items()),
         f"complete   {'yes' if summary['complete'] else 'no (run the same dump command again to resume)'}",
-        *([f"kept       {render_kept(summary['kept_anchors'])}"] if summary["complete"] else []),
+        *([f"kept       {render_kept(summary['kept_anchors'], bool(s.get('head_sparse')))}"] if summary["complete"] else []),
         f"on disk    {human_bytes(summary['bytes_total'])} in total; per sample-view:",
     ]
     for name, nbytes in summary["bytes_per_sample_view"].items():

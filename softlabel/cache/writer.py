@@ -91,8 +91,9 @@ class CacheWriter:
                 self.group[name].with_config({"write_empty_chunks": True})[buf.start : buf.stop] = data
             # the flag goes last: a shard marked done is a shard whose every byte is stored
             self.group[done_path(view)][shard] = 1
-            names = [*buf.arrays, fingerprint_path(view), digest_path(view), done_path(view)]  # every object of the shard
-            disk = sum(self._object_size(shard_key(name, shard, self.group[name].ndim)) for name in names)
+            # every object of the shard, keyed from the layout (opening each array would read its metadata again)
+            keys = [shard_key(name, shard, 1 + len(spec.shape)) for name, spec in self.layout.per_sample(view).items()]
+            disk = sum(self._object_size(key) for key in [*keys, shard_key(done_path(view), shard, 1)])
             with self._lock:
                 self.disk_bytes += disk
                 self.bytes_written += sum(a.nbytes for a in buf.arrays.values())
