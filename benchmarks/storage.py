@@ -122,10 +122,11 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
     from softlabel.cache.reader import CacheReader
     from softlabel.data import build_index, load_data_yaml
     from softlabel.distill.config import load_distill
+    from softlabel.heads import head_spec
     from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
     from softlabel.replay import Replay
     from softlabel.teacher import Teacher
-    from softlabel.train import DistillDataset, ViewPlan, student_levels
+    from softlabel.train import DistillDataset, ViewPlan
 
     reader = CacheReader(store)
     aug = reader.attrs["augment"]
@@ -140,7 +141,8 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
     else:
         student = DetectionModel("yolov8n.yaml", nc=teacher.info.nc, verbose=False)
     student.train()
-    levels, channels, reg_max, _, _ = student_levels(student)
+    spec = head_spec(student)
+    levels, channels, reg_max = list(spec.levels), list(spec.channels), spec.reg_max
     distiller = Distiller(load_distill(None), reg_max, levels, channels, teacher.info.levels, teacher.info.feature_channels)
     rel = {k: [] for k in ("total", "kd_cls", "kd_box", "kd_feat")}
     grad = {k: [] for k in rel}

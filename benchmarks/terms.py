@@ -67,9 +67,10 @@ def variants(args) -> dict[str, dict]:
 def channels(cfg: str, nc: int) -> tuple[list[str], list[int], int, list[int]]:
     from ultralytics.nn.tasks import DetectionModel
 
-    from softlabel.train import student_levels
+    from softlabel.heads import head_spec
 
-    levels, chans, reg_max, strides, _ = student_levels(DetectionModel(cfg, nc=nc, verbose=False))
+    spec = head_spec(DetectionModel(cfg, nc=nc, verbose=False))
+    levels, chans, reg_max, strides = list(spec.levels), list(spec.channels), spec.reg_max, list(spec.strides)
     return levels, chans, reg_max, strides
 
 

@@ -108,9 +108,11 @@ def main() -> None:
                    "a folder or file holding anything else is refused and left untouched.")
 @click.option("--strict", is_flag=True, help="Refuse images and labels Ultralytics would skip (corrupt, class id >= nc, ...) instead of skipping them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--teacher-branch", "branch", default=None, type=click.Choice(["one2many", "one2one"]),
+              help="End-to-end teachers (YOLO26, YOLOv10): the branch whose outputs are cached [default: one2many, the dense branch]; ignored for other heads.")
 @click.option("--half/--no-half", default=True, show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, half):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, branch, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -124,7 +126,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features, feature_layout=feature_layout,
         overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
-        shard_size=shard_size, progress=not quiet, strict=strict, half=half,
+        shard_size=shard_size, progress=not quiet, strict=strict, half=half, branch=branch,
     )
     result = run_dump(settings)
     click.echo(

@@ -75,6 +75,7 @@ class DumpSettings:
     progress: bool = True
     strict: bool = False  # refuse images Ultralytics would skip, instead of skipping them
     half: bool = True  # float16 teacher on CUDA (the precision used is recorded as teacher.compute_dtype)
+    branch: str | None = None  # an end-to-end teacher: the branch whose outputs are kept; None: heads.DEFAULT_BRANCH
 
 
 @dataclass
@@ -195,6 +196,8 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
             "--codec", settings.codec]
     if settings.head_topk:  # always given: an absent floor would resume with the default one
         args += ["--head-floor", settings.head_floor]
+    if settings.branch:
+        args += ["--teacher-branch", settings.branch]
     if settings.augment:
         augment = Path(settings.augment)
         args += ["--augment", str(augment.absolute()) if augment.is_file() else settings.augment]
@@ -267,7 +270,7 @@ def prepare(settings: DumpSettings):
     spec = load_data_yaml(settings.data)
     augment = load_augment(settings.augment)
     device = resolve_device(settings.device)
-    teacher = Teacher.load(settings.teacher, device=device, amp=settings.half)
+    teacher = Teacher.load(settings.teacher, device=device, amp=settings.half, branch=settings.branch)
     info = teacher.info
     check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)

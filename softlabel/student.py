@@ -81,13 +81,14 @@ def resolve_student(student: str, warn: Callable[[str], None] | None = _warn):
 
 
 def check_student(student: str) -> None:
-    """A student must be a DFL detector: a classification or corrupt checkpoint is refused before training."""
+    """A student must be a detector softlabel trains: a classification or corrupt checkpoint is refused before training."""
     path = Path(student)
     if path.suffix == ".pt":
-        from softlabel.teacher import describe, read_checkpoint
+        from softlabel.heads import head_spec
+        from softlabel.teacher import read_checkpoint
 
         model, _ = read_checkpoint(path, "student")
-        describe(model, str(path))
+        head_spec(model, str(path))
         return
     if path.suffix in (".yaml", ".yml") or not path.suffix:
         from ultralytics.nn.tasks import guess_model_task, yaml_model_load

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,8 +14,7 @@ from torch import nn
 
 from softlabel import trust
 from softlabel.errors import UserError
-
-SUPPORTED = "Ultralytics detection checkpoints whose Detect head predicts DFL bins (YOLOv8, YOLO11, YOLO12, ...)"
+from softlabel.heads import DEFAULT_BRANCH, branch_output, check_branch, head_spec, level_name  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,8 @@ class TeacherInfo:
     reg_max: int
     levels: list[str]
     feature_channels: list[int]
+    branches: list[str]  # [] for a one-branch head; ["one2many", "one2one"] for an end-to-end one
+    branch: str  # the branch whose outputs the cache keeps ("" for a one-branch head)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,10 +49,6 @@ class TeacherOutput:
     feat: list[torch.Tensor]
 
 
-def level_name(stride: int) -> str:
-    return f"p{int(round(math.log2(stride)))}"
-
-
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,43 +57,27 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def detect_head(model: nn.Module) -> nn.Module:
-    return model.model[-1]
-
-
-def describe(model: nn.Module, path: str = "", sha256: str = "") -> TeacherInfo:
-    """Check that a model is a plain DFL detector and say what the cache needs to know of it."""
-    task = getattr(model, "task", None)
-    head = detect_head(model) if hasattr(model, "model") else None
-    head_kind = type(head).__name__ if head is not None else type(model).__name__
-    where = f"{path}: " if path else ""
-    if task not in (None, "detect") or head_kind != "Detect":
-        what = f"a {task} model" if task and task != "detect" else f"a model with a {head_kind} head"
-        raise UserError(f"{where}{what} is not supported; softlabel distils {SUPPORTED}")
-    if getattr(head, "one2one_cv2", None) is not None or getattr(head, "end2end", False):
-        raise UserError(
-            f"{where}an end-to-end (one-to-one, NMS-free) Detect head such as YOLO26's or YOLOv10's is not "
-            f"supported yet; softlabel distils {SUPPORTED}"
-        )
-    if head.reg_max <= 1:
-        raise UserError(f"{where}the Detect head has reg_max={head.reg_max} (no DFL bins); softlabel distils {SUPPORTED}")
-    strides = [int(s) for s in head.stride.tolist()]
-    if not strides or min(strides) <= 0:
-        raise UserError(f"{where}the model has no strides; is it a built detection model?")
-    names = getattr(model, "names", None) or {i: str(i) for i in range(head.nc)}
-    names = [str(names[i]) for i in range(head.nc)] if isinstance(names, dict) else [str(n) for n in names]
+def describe(model: nn.Module, path: str = "", sha256: str = "", branch: str | None = None) -> TeacherInfo:
+    """Check that a model is a supported detector and say what the cache needs to know of it; `branch`: which
+    branch of an end-to-end head the cache keeps (default one2many; ignored for a one-branch head)."""
+    spec = head_spec(model, str(path))
+    kept = check_branch(branch or DEFAULT_BRANCH, f"{path or 'teacher'}") if spec.end2end else ""
+    names = getattr(model, "names", None) or {i: str(i) for i in range(spec.nc)}
+    names = [str(names[i]) for i in range(spec.nc)] if isinstance(names, dict) else [str(n) for n in names]
     yaml_file = (getattr(model, "yaml", None) or {}).get("yaml_file", "")
     arch = Path(yaml_file).stem if yaml_file else type(model).__name__
     return TeacherInfo(
         path=str(path),
         sha256=sha256,
         arch=arch,
-        nc=int(head.nc),
+        nc=spec.nc,
         names=names,
-        strides=strides,
-        reg_max=int(head.reg_max),
-        levels=[level_name(s) for s in strides],
-        feature_channels=[int(seq[0].conv.in_channels) for seq in head.cv2],
+        strides=list(spec.strides),
+        reg_max=spec.reg_max,
+        levels=list(spec.levels),
+        feature_channels=list(spec.channels),
+        branches=list(spec.branches),
+        branch=kept,
     )
 
 
@@ -140,7 +120,7 @@ def _first_line(text: str) -> str:
     return (lines[0] if lines else "")[:200]
 
 
-def load_model(path: str | Path, expect_sha256: str | None = None) -> tuple[nn.Module, TeacherInfo]:
+def load_model(path: str | Path, expect_sha256: str | None = None, branch: str | None = None) -> tuple[nn.Module, TeacherInfo]:
     """Read a checkpoint from disk and refuse anything that is not a supported detector.
 
     With `expect_sha256` the file is hashed first and refused unread when it is not that file: a store
@@ -153,7 +133,7 @@ def load_model(path: str | Path, expect_sha256: str | None = None) -> tuple[nn.M
         raise UserError(f"{path}: not the checkpoint the cache was dumped with (sha256 differs); it was not loaded")
     model, _ = read_checkpoint(path, "teacher")
     # stored absolute, so verify and train find it from any working folder
-    info = describe(model, str(path.expanduser().absolute()), sha)
+    info = describe(model, str(path.expanduser().absolute()), sha, branch)
     return model, info
 
 
@@ -175,8 +155,8 @@ class Teacher:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", amp: bool = True,
-             expect_sha256: str | None = None) -> "Teacher":
-        model, info = load_model(path, expect_sha256)
+             expect_sha256: str | None = None, branch: str | None = None) -> "Teacher":
+        model, info = load_model(path, expect_sha256, branch)
         return cls(model, info, device, amp)
 
     @torch.inference_mode()
@@ -184,7 +164,7 @@ class Teacher:
         """images: float [B, 3, H, W] RGB in [0, 1] on the teacher's device."""
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             out = self.model(images)
-        preds = out[1] if isinstance(out, (tuple, list)) else out
+        preds = branch_output(out, self.info.branch)
         return split_levels(preds["boxes"], preds["scores"], preds["feats"])
 
 

@@ -198,7 +198,7 @@ def check_attributes(reader: CacheReader, report: VerifyReport, index, spec) -> 
 
 def check_teacher_attributes(recorded: dict, live: TeacherInfo, report: VerifyReport) -> None:
     """The store's description of its teacher against the teacher itself."""
-    for key in ("arch", "nc", "names", "strides", "reg_max", "levels", "feature_channels"):
+    for key in ("arch", "nc", "names", "strides", "reg_max", "levels", "feature_channels", "branches", "branch"):
         report.attributes_checked += 1
         theirs = getattr(live, key)
         if _plain(recorded.get(key)) != _plain(theirs):
@@ -261,7 +261,8 @@ def run_verify(
     dumped = attrs["teacher"].get("compute_dtype", "float16")  # a store that predates the record: assume the coarser
     # hashed before it is loaded: a file that is not the dump's teacher never gets to run
     t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device),
-                     amp=dumped == "float16" if half is None else half, expect_sha256=attrs["teacher"]["sha256"])
+                     amp=dumped == "float16" if half is None else half, expect_sha256=attrs["teacher"]["sha256"],
+                     branch=attrs["teacher"]["branch"] or None)
     report.compute = f"teacher {dumped} in the dump, {t.compute_dtype} here"
     if "float16" in (dumped, t.compute_dtype):
         report.atol += HALF_COMPUTE_TOLERANCE[0] if widen[0] else 0.0

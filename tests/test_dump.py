@@ -209,13 +209,29 @@ def test_teacher_missing_not_a_checkpoint_or_not_detection(tmp_path, dataset, ex
     assert _snapshot(existing_store) == before
 
 
-def test_end_to_end_head_refused(tmp_path, dataset):
-    from ultralytics.nn.tasks import DetectionModel
+@pytest.mark.parametrize("branch", [None, "one2one"])
+def test_end_to_end_teacher_keeps_the_branch_asked_for(tmp_path, dataset, branch):
+    """A YOLO26 teacher (end-to-end, reg_max 1): the store records its branches and the one it keeps, whose class
+    logits it holds; 4 distances per anchor, not DFL bins."""
+    from softlabel.cache.reader import CacheReader
+    from softlabel.teacher import Teacher, save_checkpoint_from_yaml
 
-    path = tmp_path / "e2e.pt"
-    torch.save({"model": DetectionModel("yolo26n.yaml", nc=3, verbose=False).half(), "train_args": {}}, path)
-    assert_clean_error(run_cli(*dump_args(path, dataset, tmp_path / "e.zarr")), path, "end-to-end")
-    assert not (tmp_path / "e.zarr").exists()
+    path = save_checkpoint_from_yaml("yolo26n.yaml", NAMES[:3], tmp_path / "e2e.pt")
+    extra = ["--teacher-branch", branch] if branch else []
+    r = run_cli(*dump_args(path, dataset, tmp_path / "e.zarr", *extra))
+    assert r.exit_code == 0, r.output
+    r = run_cli("verify", tmp_path / "e.zarr", "--samples", 4)  # the stored branch against the live teacher's
+    assert r.exit_code == 0, r.output
+    reader = CacheReader(str(tmp_path / "e.zarr"))
+    t = reader.attrs["teacher"]
+    assert (t["reg_max"], t["branches"], t["branch"]) == (1, ["one2many", "one2one"], branch or "one2many")
+    stored = reader.read("v0", 0).head  # [4 + nc, A], dense
+    assert stored.shape[0] == 4 + 3
+    live = Teacher.load(path, branch=branch)
+    raw = live.model(torch.zeros(1, 3, 64, 64))[1][branch or "one2many"]
+    assert raw["scores"].shape[1] == 3 and raw["boxes"].shape[1] == 4
+    with pytest.raises(Exception, match="unknown branch"):
+        Teacher.load(path, branch="both")
 
 
 def test_teacher_class_count_mismatch(tmp_path, dataset, existing_store):
@@ -280,7 +296,7 @@ def test_older_schema_is_refused_naming_a_redump(tmp_path, existing_store):
     group = zarr.open_group(str(existing_store), mode="r+")
     for old in (1, 2, 3, 4):  # 4: records not sealed to their sample; 3: feature rows for every kept anchor
         group.attrs["schema_version"] = old
-        assert_clean_error(run_cli("info", existing_store), "older softlabel", f"schema {old}", "seals every teacher record", "re-dump")
+        assert_clean_error(run_cli("info", existing_store), "older softlabel", f"schema {old}", "seals each record", "re-dump")
 
 
 def test_reader_fast_path_equals_zarr_for_every_sample(dumped):

@@ -70,7 +70,7 @@ def test_every_position_selected_equals_the_whole_maps(normalize):
         student, teacher = _inputs()
         kd = d(student, teacher, LEVELS)["kd_feat"]
         kd.backward()
-        grads.append((float(kd.detach()), [f.grad for f in student["feats"]], [p.grad.clone() for p in d.adapters.parameters()]))
+        grads.append((float(kd.detach()), [f.grad for f in student["feats"]], [p.grad.clone() for p in d.terms['feat'].adapters.parameters()]))
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
     for a, b in zip(grads[0][1] + grads[0][2], grads[1][1] + grads[1][2]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -146,7 +146,7 @@ def test_positions_option_is_checked():
             parse_distill({"feat": {**FEAT, "positions": bad}}, "t.yaml")
     with pytest.raises(UserError, match="loss 'cwd' needs whole feature maps.*mimic"):
         parse_distill({"feat": {"loss": "cwd", "positions": 64}}, "t.yaml")
-    with pytest.raises(UserError, match="'positions' applies to 'feat' only"):
+    with pytest.raises(UserError, match="'positions' applies to feature terms only"):
         parse_distill({"cls": {"loss": "bce", "positions": 64}}, "t.yaml")
     assert parse_distill({"feat": {**FEAT, "positions": "all"}}, "t.yaml").terms["feat"].positions is None
 

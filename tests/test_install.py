@@ -19,7 +19,7 @@ def test_installed_package_has_its_configs():
     from softlabel.builtin import CONFIG_DIR, builtin_names
 
     assert CONFIG_DIR.is_relative_to(Path(__import__("softlabel").__file__).parent)
-    assert builtin_names("distill") == ["accurate", "default", "logits_only"]
+    assert builtin_names("distill") == ["accurate", "default", "distances", "logits_only"]
     assert builtin_names("augment") == ["default"]
 
 

@@ -46,6 +46,15 @@ def _pair(target: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(shape, generator=g) * 2, torch.randn(shape, generator=g) * 2
 
 
+def _pair_of(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A student/teacher pair in the form loss ``name`` reads: box losses on distances take ltrb distances
+    [B, 4, A], which are not negative."""
+    if LOSSES[name].box_form == "distances":
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(B, 4, A, generator=g) * 2).abs(), (torch.randn(B, 4, A, generator=g) * 2).abs()
+    return _pair(LOSSES[name].target, seed)
+
+
 ALL = sorted(LOSSES)
 ZEROABLE = [n for n in ALL if n not in NOT_ZERO_AT_EQUALITY]
 WITH_T = [n for n in ALL if "temperature" in inspect.signature(LOSSES[n].__init__).parameters]
@@ -62,7 +71,7 @@ def test_registry_has_expected_losses_and_targets():
 @pytest.mark.parametrize("name", ZEROABLE)
 def test_zero_at_equality_positive_otherwise(name):
     loss = _make(name)
-    s, t = _pair(LOSSES[name].target)
+    s, t = _pair_of(name)
     assert loss(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
     value = loss(s, t)
     assert value.ndim == 0
@@ -79,7 +88,7 @@ def test_mgd_not_zero_at_equality_but_positive():
 def test_gradient_reaches_student_not_teacher(name):
     torch.manual_seed(0)
     loss = _make(name)
-    s, t = _pair(LOSSES[name].target)
+    s, t = _pair_of(name)
     s.requires_grad_(True)
     t.requires_grad_(True)
     loss(s, t).backward()
@@ -129,14 +138,14 @@ def test_build_loss_passes_kwargs():
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_temperature_finite(name, temperature):
     loss = _make(name, temperature=temperature)
-    s, t = _pair(LOSSES[name].target)
+    s, t = _pair_of(name)
     value = loss(s * 20, t * 20)  # saturated logits must not overflow
     assert torch.isfinite(value) and value.item() > 0
 
 
 @pytest.mark.parametrize("name", WITH_T)
 def test_temperature_changes_value(name):
-    s, t = _pair(LOSSES[name].target)
+    s, t = _pair_of(name)
     assert _make(name, temperature=1.0)(s, t).item() != pytest.approx(_make(name, temperature=4.0)(s, t).item())
 
 
@@ -191,7 +200,7 @@ def test_ld_confidence_weighting():
 
 @pytest.mark.parametrize("name", [n for n in ZEROABLE if LOSSES[n].target in ("cls", "box")])
 def test_anchor_mask_excludes_disagreement(name):
-    s, t = _pair(LOSSES[name].target)
+    s, t = _pair_of(name)
     bad = torch.zeros(B, A, dtype=torch.bool)
     bad[:, :5] = True
     mixed = torch.where(bad[:, None], s, t)

@@ -48,7 +48,13 @@ def test_resume_keeps_the_runs_settings_and_adapters(tmp_path, store, monkeypatc
     assert isinstance(r.exception, Interrupted), r.output
     monkeypatch.setattr(DistillTrainer, "save_model", save)
     weights = tmp_path / "runs" / "r" / "weights"
-    adapters = torch.load(weights / "distill_state.pt", weights_only=True)["distiller"]
+    # the adapters travel in last.pt with the student; the only class of ours the file names is the wrapper,
+    # which rebuilds them from plain data, so Ultralytics' safe load reads it
+    ours = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(weights / "last.pt")) if g.startswith("softlabel")]
+    assert ours == ["softlabel.distill.model.DistillModel"]
+    from ultralytics.nn.tasks import torch_safe_load
+
+    adapters = torch_safe_load(str(weights / "last.pt"), safe_only=True)[0]["ema"].projector.state_dict()
     seen = {}
     load = DistillTrainer.resume_training
 
@@ -61,7 +67,7 @@ def test_resume_keeps_the_runs_settings_and_adapters(tmp_path, store, monkeypatc
     r = run_cli("train", "--student", weights / "last.pt", "--cache", store, "resume=True")
     assert r.exit_code == 0, (r.output[-2000:], r.exception)
     assert (seen["start"], seen["batch"], seen["close_mosaic"], seen["epochs"]) == (1, 4, 1, 3)
-    assert all(torch.equal(seen["state"][k].cpu(), adapters[k].cpu()) for k in adapters)
+    assert adapters and all(torch.equal(seen["state"][k].cpu(), adapters[k].float().cpu()) for k in adapters)
     args = yaml.safe_load((tmp_path / "runs" / "r" / "args.yaml").read_text())
     assert (args["batch"], args["close_mosaic"], args["epochs"]) == (4, 1, 3)
     with open(tmp_path / "runs" / "r" / "results.csv") as f:
@@ -69,7 +75,6 @@ def test_resume_keeps_the_runs_settings_and_adapters(tmp_path, store, monkeypatc
 
 
 @pytest.mark.parametrize("bad, needles", [
-    ("yolo26n.yaml", ["yolo26n.yaml", "reg_max 1", "reg_max 16"]),
     ("yolov8n-p6.yaml", ["yolov8n-p6.yaml", "strides [8, 16, 32, 64]", "[8, 16, 32]"]),
 ])
 def test_every_student_is_checked_before_the_first_trains(bad, needles, tmp_path, store):

@@ -23,11 +23,12 @@ from softlabel.distill.config import load_distill, parse_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.dump import DumpSettings, run_dump
 from softlabel.errors import UserError
+from softlabel.heads import head_spec
 from softlabel.replay import Replay
 from softlabel.select import SLOTTED, to_host
 from softlabel.teacher import Teacher, save_checkpoint_from_yaml
 from softlabel.toydata import make_dataset
-from softlabel.train import DistillDataset, ViewPlan, check_config_fits_cache, student_levels
+from softlabel.train import DistillDataset, ViewPlan, check_config_fits_cache
 
 # an untrained teacher scores every anchor below the default floor: floor 0 keeps anchors to compare
 SMALL = ["--imgsz", 64, "--batch", 4, "--views", 1, "--close-views", 0, "--quiet", "--head-floor", 0]
@@ -243,7 +244,8 @@ def test_default_store_at_640_px_with_80_classes_is_the_live_teacher_within_one_
 
     torch.manual_seed(0)
     student = DetectionModel("yolov8n.yaml", nc=80, verbose=False).train()
-    levels, channels, reg_max, _, _ = student_levels(student)
+    spec = head_spec(student)
+    levels, channels, reg_max = list(spec.levels), list(spec.channels), spec.reg_max
     t = Teacher.load(teacher)
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     preds = student(batch["img"].float() / 255)

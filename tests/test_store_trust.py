@@ -306,25 +306,3 @@ def test_a_deleted_done_folder_is_one_line(tmp_path, sealed, dataset):
     assert_clean_error(r, "v1/done is missing")
 
 
-def test_distill_state_is_read_as_plain_tensors_and_never_skipped(tmp_path):
-    from softlabel.distill.config import load_distill
-    from softlabel.distill.distiller import Distiller
-    from softlabel.train.trainer import read_distill_state
-
-    distiller = Distiller(load_distill(None), 16, ["p3", "p4", "p5"], [16, 32, 64], ["p3", "p4", "p5"], [64, 128, 256])
-    assert any(True for _ in distiller.parameters())  # the default feature term trains adapters
-    path = tmp_path / "distill_state.pt"
-    torch.save({"distiller": distiller.state_dict(), "epoch": 3}, path)
-    state = read_distill_state(path, distiller, "cpu")
-    assert all(torch.equal(state[k], v) for k, v in distiller.state_dict().items())
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # half-written
-    with pytest.raises(UserError, match="distill_state.pt: cannot be read"):
-        read_distill_state(path, distiller, "cpu")
-    path.unlink()
-    with pytest.raises(UserError, match="distill_state.pt: missing; resuming needs it"):
-        read_distill_state(path, distiller, "cpu")
-    marker = tmp_path / "ran"
-    _evil_checkpoint(path, marker)
-    with pytest.raises(UserError, match="cannot be read"):
-        read_distill_state(path, distiller, "cpu")
-    assert not marker.exists()

@@ -18,9 +18,10 @@ from softlabel.data import build_index, load_data_yaml
 from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
 from softlabel.errors import UserError
+from softlabel.heads import head_spec
 from softlabel.replay import Replay
 from softlabel.teacher import Teacher, save_checkpoint_from_yaml
-from softlabel.train import DistillDataset, EpochSampler, ViewPlan, check_epoch, make_trainer, student_levels
+from softlabel.train import DistillDataset, EpochSampler, ViewPlan, check_epoch, make_trainer
 
 IMGSZ = 64
 
@@ -143,7 +144,8 @@ def _cache_and_live_terms(batch: dict, teacher_path) -> tuple[TeacherBatch, dict
     from ultralytics.nn.tasks import DetectionModel
 
     student = DetectionModel("yolov8n.yaml", nc=3, verbose=False).train()
-    levels, channels, reg_max, _, _ = student_levels(student)
+    spec = head_spec(student)
+    levels, channels, reg_max = list(spec.levels), list(spec.channels), spec.reg_max
     t = Teacher.load(teacher_path)
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     torch.manual_seed(0)
@@ -256,7 +258,7 @@ def test_checkpoint_reloads_predicts_and_exports_onnx(tmp_path, cache, dataset):
     model = YOLO("yolo11n.yaml")
     model.train(trainer=make_trainer(cache=str(cache)), name="x", **_train_args(tmp_path, dataset, epochs=1, close_mosaic=0))
     best = Path(model.trainer.best)
-    trained = {k: v.detach().half() for k, v in model.trainer.ema.ema.state_dict().items()}  # what training ended with
+    trained = {k: v.detach().half() for k, v in model.trainer.ema.ema.student_model.state_dict().items()}  # what training ended with
     plain = YOLO(str(best))
     loaded = plain.model.state_dict()
     assert set(loaded) == set(trained) and all(torch.equal(loaded[k].half(), trained[k]) for k in trained)
@@ -284,7 +286,7 @@ def test_interrupted_student_run_resumes_with_its_adapters(tmp_path, cache, data
     with pytest.raises(Stop):
         model.train(trainer=trainer, name="r", **_train_args(tmp_path, dataset, epochs=3))
     weights = tmp_path / "runs" / "r" / "weights"
-    saved = torch.load(weights / "distill_state.pt")["distiller"]
+    saved = _saved_projector(weights / "last.pt")
     seen = {}
 
     def grab(t):
@@ -295,7 +297,16 @@ def test_interrupted_student_run_resumes_with_its_adapters(tmp_path, cache, data
     resumed.add_callback("on_pretrain_routine_end", grab)
     resumed.train(trainer=trainer, resume=True)
     assert seen["start"] == 1
-    assert all(torch.equal(seen["state"][k].cpu(), saved[k].cpu()) for k in saved)
+    assert saved and all(torch.equal(seen["state"][k].cpu(), saved[k].float()) for k in saved)
+
+
+def _saved_projector(last: Path) -> dict:
+    """The distillation terms' weights a mid-run last.pt holds (its EMA is the student wrapped with them), read
+    with Ultralytics' safe load, as resume reads it."""
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(last), safe_only=True)
+    return {k: v.cpu() for k, v in ckpt["ema"].projector.state_dict().items()}
     with open(tmp_path / "runs" / "r" / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
 
@@ -350,8 +361,10 @@ def test_unknown_student_and_bad_distill_config(tmp_path, dataset, cache):
     assert_clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "focal", "bce")
     cfg.write_text("cls:\n  loss: bce\n  temprature: 2\n")
     assert_clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "temprature", "temperature")
-    cfg.write_text("logits:\n  loss: bce\n")
-    assert_clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "logits", "cls, box, feat")
+    cfg.write_text("Logits-KD:\n  loss: bce\n")
+    assert_clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "Logits-KD", "lowercase")
+    cfg.write_text("logits:\n  weight: 2\n")
+    assert_clean_error(run_cli("train", "--student", "yolov8n", "--data", dataset, "--cache", cache, "--distill", cfg), "'logits'", "'loss'")
 
 
 def test_mismatched_cache_is_refused(tmp_path, dataset, cache):
@@ -421,7 +434,7 @@ def test_adapter_option_is_checked(tmp_path):
 
     with pytest.raises(UserError, match="unknown adapter 'linear'.*conv, mlp"):
         parse_distill({"feat": {"loss": "mimic", "adapter": "linear"}}, "t.yaml")
-    with pytest.raises(UserError, match="'adapter' applies to 'feat' only"):
+    with pytest.raises(UserError, match="'adapter' applies to feature terms only"):
         parse_distill({"cls": {"loss": "bce", "adapter": "mlp"}}, "t.yaml")
 
 
@@ -440,9 +453,10 @@ def test_confidence_level_balance_follows_where_the_teacher_sees_objects():
     balanced = Distiller(parse_distill({"feat": {**feat, "level_balance": "confidence"}}, "t.yaml"), reg_max, levels, s_ch, levels, t_ch)
     equal = Distiller(parse_distill({"feat": feat}, "t.yaml"), reg_max, levels, s_ch, levels, t_ch)
     equal.load_state_dict(balanced.state_dict())
+    term = balanced.terms["feat"]
     with torch.no_grad():
         per_level = [fn(p, t_feats[lvl], w) for fn, p, lvl, w in zip(
-            balanced.feat_losses, balanced.adapters(s_feats), levels, balanced._level_confidence(head[:, 4 * reg_max:].sigmoid().amax(1), s_feats, levels))]
+            term.loss, term.adapters(s_feats), levels, term._per_level(head[:, 4 * reg_max:].sigmoid().amax(1), s_feats))]
         kd_balanced = balanced(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
         kd_equal = equal(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
     assert float(kd_equal) == pytest.approx(float(sum(per_level)) / 2, rel=1e-5)

@@ -23,7 +23,8 @@ Layout (zarr v3), schema 5:
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
 rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
 
-Schema 5 seals every record with its digest; schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
+Schema 6 describes the teacher's head (its branches, the branch kept, box outputs of any reg_max, 1 for
+distances); schema 5 seals every record with its digest; schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
 what a view holds, not its arrays: mosaic partners come from the image's partner group
 (augment.mosaic_group) and the fingerprint is four CRC-32C; schema 2 stored features at the kept
 anchors.
@@ -38,7 +39,7 @@ from typing import Any
 from softlabel.errors import UserError
 
 FORMAT = "softlabel-cache"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 FEATURE_LAYOUTS = ("sparse", "dense")
 
 # Attributes that describe a run but do not change what a store holds: they may differ on resume.
@@ -199,7 +200,7 @@ def check_format(attrs: dict[str, Any], where: str) -> None:
     if isinstance(version, int) and version < SCHEMA_VERSION:
         raise UserError(
             f"{where}: written by an older softlabel (cache schema {version}; this softlabel reads schema "
-            f"{SCHEMA_VERSION}, which seals every teacher record to its sample and view); "
+            f"{SCHEMA_VERSION}, which describes every detector family's head and seals each record to its sample and view); "
             "re-dump it with 'softlabel dump' (--overwrite replaces it)"
         )
     if not isinstance(version, int) or version > SCHEMA_VERSION:

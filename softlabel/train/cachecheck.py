@@ -37,36 +37,33 @@ def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> Non
 def check_config_fits_cache(config, attrs: dict, where: str) -> None:
     """Refuse a distillation config that reads what the store does not hold: whole feature maps from a
     store of feature rows, or more positions than the feature rows the store keeps per image."""
-    term = config.terms.get("feat")
     storage = attrs["storage"]
-    if term is None or not storage.get("features") or storage.get("feature_layout") != "sparse":
+    if not storage.get("features") or storage.get("feature_layout") != "sparse":
         return
     sparse = storage["head_sparse"]
     f = int(sparse.get("feature_rows") or sparse["topk"])
-    if term.positions is None:
-        raise UserError(
-            f"{config.source}: 'feat' (loss {term.loss}, positions: all) needs whole feature maps, but {where} holds "
-            f"feature vectors at each image's {f} most confident kept anchors only; dump with 'softlabel dump --features dense', "
-            f"or use a config with 'positions: P' (P <= {f}) and a row loss such as mimic"
-        )
-    if term.positions > f:
-        raise UserError(
-            f"{config.source}: 'feat' positions: {term.positions} is more than the {f} anchors per image {where} "
-            f"holds feature vectors for; use positions <= {f}, or dump with 'softlabel dump --feature-rows {term.positions}' "
-            f"or more (with --head-topk at least that)"
-        )
+    for name, term in config.of("feat").items():
+        if term.positions is None:
+            raise UserError(
+                f"{config.source}: '{name}' (loss {term.loss}, positions: all) needs whole feature maps, but {where} holds "
+                f"feature vectors at each image's {f} most confident kept anchors only; dump with 'softlabel dump --features dense', "
+                f"or use a config with 'positions: P' (P <= {f}) and a row loss such as mimic"
+            )
+        if term.positions > f:
+            raise UserError(
+                f"{config.source}: '{name}' positions: {term.positions} is more than the {f} anchors per image {where} "
+                f"holds feature vectors for; use positions <= {f}, or dump with 'softlabel dump --feature-rows {term.positions}' "
+                f"or more (with --head-topk at least that)"
+            )
 
 
 def check_student_fits(student: str, model, teacher: dict[str, Any], where: str) -> None:
-    """The head a student is built with against its teacher's, before any student trains: the box form
-    (reg_max) and the levels (strides) must match; the class count is set from the data by Ultralytics."""
-    head = model.model[-1] if hasattr(model, "model") else None
-    if head is None or not hasattr(head, "reg_max") or not hasattr(head, "stride"):
-        raise UserError(f"{student}: not a detection model (no Detect head); softlabel trains detection students")
-    strides, reg_max = [int(s) for s in head.stride.tolist()], int(head.reg_max)
-    if reg_max != int(teacher["reg_max"]):
-        raise UserError(f"{student}: the student's Detect head has reg_max {reg_max} but the teacher of {where} has "
-                        f"reg_max {teacher['reg_max']}; a student of the teacher's box form is needed")
-    if strides != [int(s) for s in teacher["strides"]]:
-        raise UserError(f"{student}: the student predicts at strides {strides} but the teacher of {where} at "
+    """The head a student is built with against its teacher's, before any student trains: a detection head
+    softlabel trains, predicting at the teacher's strides (levels). Box forms may differ (DFL bins or
+    distances: the box terms say how they meet); the class count is set from the data by Ultralytics."""
+    from softlabel.heads import head_spec
+
+    spec = head_spec(model, student)
+    if list(spec.strides) != [int(s) for s in teacher["strides"]]:
+        raise UserError(f"{student}: the student predicts at strides {list(spec.strides)} but the teacher of {where} at "
                         f"{list(teacher['strides'])}; a student with the teacher's levels is needed")

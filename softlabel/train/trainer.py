@@ -1,10 +1,10 @@
 """A thin DetectionTrainer subclass that trains a student against the cache (or a live teacher).
 
-What stays Ultralytics': the model, the detection loss and its assignment, optimizer, schedule,
-EMA, AMP, validation, checkpoints and resume. What is ours: the training dataset (replayed
-samples plus teacher tensors), the epoch-carrying sampler, and the distillation terms added to
-the criterion. Adapters live on the trainer, never on the model, so checkpoints stay plain; under
-DDP they are kept identical on every rank by softlabel.ddp.
+What stays Ultralytics': the model, the detection loss and its assignment (the student's own
+criterion), optimizer, schedule, EMA, AMP, validation, checkpoints, resume and NaN recovery. What is
+ours: the training dataset (replayed samples plus teacher tensors), the epoch-carrying sampler, and
+the distillation terms, which a DistillModel wraps with the student so that DDP, the EMA, last.pt,
+resume and NaN recovery treat them as part of the model. best.pt holds the plain student.
 """
 
 from __future__ import annotations
@@ -23,29 +23,20 @@ from softlabel.augment import AugmentConfig, load_augment
 from softlabel.cache.lock import ReadLock
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
-from softlabel.ddp import average_gradients, broadcast_parameters
 from softlabel.distill.config import load_distill
 from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
+from softlabel.distill.model import DistillModel
 from softlabel.errors import UserError
+from softlabel.heads import head_spec
 from softlabel.prune import pruned_model_or_none
 from softlabel.replay import Replay
-from softlabel.teacher import Teacher, level_name
+from softlabel.teacher import Teacher
 from softlabel.train.cachecheck import check_cache_matches, check_config_fits_cache, check_epoch, check_student_fits
-from softlabel.train.criterion import DistillLoss
+from softlabel.train.checkpoint import plain_checkpoint
 from softlabel.train.dataset import DistillDataset
 from softlabel.train.plan import ViewPlan, views_advice
 from softlabel.train.sampler import EpochSampler
 from softlabel.views import DEFAULT_VIEWS
-
-DISTILL_STATE = "distill_state.pt"
-
-
-def student_levels(model) -> tuple[list[str], list[int], int, list[int], int]:
-    head = unwrap_model(model).model[-1]
-    strides = [int(s) for s in head.stride.tolist()]
-    channels = [int(seq[0].conv.in_channels) for seq in head.cv2]
-    return [level_name(s) for s in strides], channels, int(head.reg_max), strides, int(head.nc)
-
 
 class DistillTrainer(DetectionTrainer):
     """Settings arrive as class attributes (Ultralytics refuses unknown training arguments), see make_trainer."""
@@ -65,6 +56,9 @@ class DistillTrainer(DetectionTrainer):
         return self.args.amp not in (False, "fp32", "False")
 
     def get_model(self, cfg=None, weights=None, verbose=True):
+        if isinstance(weights, DistillModel):  # resuming: the student is rebuilt here, its terms once it is wrapped
+            self._resumed_projector = weights.projector
+            weights = weights.student_model
         # a pruned student keeps its own narrower layers: Ultralytics would rebuild it from its yaml at full width
         pruned = pruned_model_or_none(weights, self.data["nc"])
         return pruned if pruned is not None else super().get_model(cfg, weights, verbose)
@@ -89,7 +83,6 @@ class DistillTrainer(DetectionTrainer):
             reader = CacheReader(self.cache)
             attrs = reader.attrs
             check_cache_matches(attrs, spec, index, imgsz, self.cache)
-            check_config_fits_cache(load_distill(self.distill_config), attrs, self.cache)
             reader.require_complete()
             augment = AugmentConfig.from_attrs(attrs["augment"])
             self.replay = Replay(index, augment, imgsz, int(attrs["augment"]["seed"]))
@@ -125,15 +118,15 @@ class DistillTrainer(DetectionTrainer):
         if self.args.rect or self.args.multi_scale:
             raise UserError("rect and multi_scale training change image shapes after replay; they cannot use a cache")
         self._open_sources()
-        self._check_student()
         return DistillDataset(self.replay, self.plan, self.reader)
 
     def _check_student(self) -> None:
         # as built for this data: the same head checks as before training starts (runner), and the classes
-        nc, t, where = student_levels(self.model)[4], self.teacher_head, self.cache or self.teacher_path
+        model = unwrap_model(self.model)
+        nc, t, where = head_spec(model).nc, self.teacher_head, self.cache or self.teacher_path
         if nc != t["nc"]:
             raise UserError(f"{where}: the student has classes {nc} but the teacher has classes {t['nc']}")
-        check_student_fits(str(self.args.model), unwrap_model(self.model), t, where)
+        check_student_fits(str(self.args.model), model, t, where)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         if mode != "train":
@@ -176,86 +169,57 @@ class DistillTrainer(DetectionTrainer):
         kd = lambda key: key.split("/", 1)[-1].startswith("kd_")  # noqa: E731
         return [k for k in out if not kd(k)] if isinstance(out, list) else {k: v for k, v in out.items() if not kd(k)}
 
-    # -- distillation modules ------------------------------------------------------------------
+    # -- the distillation model ----------------------------------------------------------------
 
-    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
-        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        levels, channels, reg_max, _, _ = student_levels(model)
-        self.student_level_names = levels
-        # Built from the training seed alone: Ultralytics seeds every rank differently (seed + 1 + RANK),
-        # and a single-process run and each DDP rank must start from the same adapters.
+    def set_model_attributes(self):
+        """Ultralytics sets the student's classes and arguments here, just before compile, DDP and the EMA wrap
+        the model: the student is checked against the teacher and wrapped with its distillation terms then."""
+        super().set_model_attributes()
+        if isinstance(self.model, DistillModel):
+            return
+        self._open_sources()
+        self._check_student()
+        student = head_spec(self.model)
+        config = load_distill(self.distill_config, student.reg_max, int(self.teacher_head["reg_max"]))
+        if self.reader is not None:
+            check_config_fits_cache(config, self.reader.attrs, self.cache)
+        # Built from the training seed alone: Ultralytics seeds every rank differently (seed + 1 + RANK), and a
+        # single-process run and each DDP rank must start from the same adapters (DDP also broadcasts rank 0's).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.args.seed))
-            distiller = Distiller(
-                load_distill(self.distill_config), reg_max, levels, channels, self.teacher_levels, self.teacher_channels
+            projector = Distiller(
+                config, student.reg_max, list(student.levels), list(student.channels), self.teacher_levels,
+                self.teacher_channels, teacher_reg_max=int(self.teacher_head["reg_max"]),
+                student_strides=list(student.strides), student_branches=student.branches, nc=student.nc,
             )
-        self.distiller = distiller.to(self.device)
-        base_lr = self.args.lr0 if str(name).lower() == "auto" else lr  # "auto" has just chosen the optimizer and lr0
-        add_param_groups(optimizer, list(self.distiller.named_parameters()), base_lr, decay)
-        return optimizer
+        resumed = getattr(self, "_resumed_projector", None)
+        if resumed is not None:
+            projector.load_state_dict(resumed.float().state_dict())
+        self.model = DistillModel(self.model, projector.to(self.device))
+
+    @property
+    def distiller(self) -> Distiller:
+        return unwrap_model(self.model).projector
 
     def _setup_train(self):
         super()._setup_train()
-        model = unwrap_model(self.model)
-        model.criterion = DistillLoss(model, self.distiller, self.student_level_names)
-        if self.world_size > 1:  # built or resumed alike on every rank; rank 0's copy is the one every rank keeps
-            broadcast_parameters(self.distiller)
         self.epoch_sampler.next_epoch = self.start_epoch
         self.train_loader.reset()
         self.add_callback("on_train_epoch_start", _set_schedule_factor)
         self.add_callback("on_train_epoch_start", _replay_an_epoch_begun_again)
 
-    def optimizer_step(self):
-        if self.world_size > 1:  # the adapters sit outside the DDP wrapper: one all-reduce of all their gradients
-            average_gradients([p for p in self.distiller.parameters() if p.requires_grad], self.world_size)
-        super().optimizer_step()
-
     def save_model(self):
         result = super().save_model()
-        path = self.wdir / DISTILL_STATE
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"distiller": self.distiller.state_dict(), "epoch": self.epoch}, tmp)
-        tmp.replace(path)  # a crash mid-write never leaves a half-written state under the real name
+        if self.best_fitness == self.fitness and self.best.is_file():  # Ultralytics has just written best.pt
+            plain_checkpoint(self.best)
         return result
 
-    def resume_training(self, ckpt):
-        super().resume_training(ckpt)
-        if ckpt is not None and self.resume:
-            self.distiller.load_state_dict(read_distill_state(Path(self.args.model).parent / DISTILL_STATE, self.distiller, self.device))
-
-
-def read_distill_state(path: Path, distiller: torch.nn.Module, device) -> dict:
-    """The adapters' weights saved beside last.pt, read as plain tensors (weights_only: nothing in it may run).
-    Resuming without them would restart the adapters from random weights under a student that has
-    learned against them, so a missing or damaged file is refused, not skipped."""
-    if not path.is_file():
-        if not any(True for _ in distiller.parameters()):
-            return distiller.state_dict()  # no adapters: nothing was saved that resuming needs
-        raise UserError(f"{path}: missing; resuming needs it (it holds this run's distillation adapters); restore it "
-                        "beside last.pt, or start a new run")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)["distiller"]
-    except Exception as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot be read ({reason}); it holds this run's distillation adapters; restore it "
-                        "beside last.pt, or start a new run") from None
-
-
-def add_param_groups(optimizer: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], lr: float, decay: float) -> None:
-    """Add the distiller's trainable parameters to an optimizer Ultralytics built, at the student's
-    base learning rate: weights with the student's weight decay, biases without.
-
-    The other hyperparameters (momentum, betas, nesterov) come from Ultralytics' "weight" group. Its
-    groups are no template for lr: MuSGD raises the head's groups to 3x lr0, and lists them first.
-    Groups keep Ultralytics' "param_group" tags, which its warm-up reads (biases warm up from warmup_bias_lr).
-    """
-    ref = next(g for g in optimizer.param_groups if g.get("param_group") == "weight")
-    hyper = {k: v for k, v in ref.items() if k not in ("params", "lr", "initial_lr", "weight_decay", "param_group", "use_muon")}
-    weights = [p for n, p in named if p.requires_grad and not n.endswith("bias")]
-    biases = [p for n, p in named if p.requires_grad and n.endswith("bias")]
-    for params, wd, tag in ((weights, decay, "weight"), (biases, 0.0, "bias")):
-        if params:
-            optimizer.add_param_group({**hyper, "params": params, "lr": lr, "weight_decay": wd, "param_group": tag})
+    def final_eval(self):
+        # training is over: last.pt is no longer resumed, so it too becomes a plain student checkpoint
+        for path in (self.last, self.best):
+            if RANK in {-1, 0} and path.is_file():
+                plain_checkpoint(path)
+        return super().final_eval()
 
 
 def _replay_an_epoch_begun_again(trainer: DistillTrainer) -> None:
@@ -268,7 +232,8 @@ def _replay_an_epoch_begun_again(trainer: DistillTrainer) -> None:
 
 
 def _set_schedule_factor(trainer: DistillTrainer) -> None:
-    trainer.distiller.factor = trainer.distiller.config.schedule.factor(
+    distiller = trainer.distiller
+    distiller.factor = distiller.config.schedule.factor(
         trainer.epoch, trainer.epochs, trainer.plan.closing(trainer.epoch)
     )
 

@@ -1,0 +1,185 @@
+"""Every detector family as teacher and student: YOLO26's end-to-end distance head, YOLOv10's end-to-end DFL
+head, YOLOv8 and YOLO11, each from a cache of another; the terms each pair distils, and plain checkpoints."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, save_teacher
+from softlabel.augment import AugmentConfig
+from softlabel.cache.reader import CacheReader
+from softlabel.data import build_index, load_data_yaml
+from softlabel.distill.config import load_distill, parse_distill
+from softlabel.distill.distiller import Distiller, TeacherBatch, split_head
+from softlabel.errors import UserError
+from softlabel.heads import BRANCHES, distances, head_spec
+from softlabel.replay import Replay
+from softlabel.teacher import Teacher
+from softlabel.train import DistillDataset, ViewPlan
+
+IMGSZ = 64
+TEACHERS = ("yolov8s", "yolo11s", "yolo26s")
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, dataset) -> dict[str, tuple[Path, Path]]:
+    """Each teacher family's checkpoint and its default store (int8, sparse; floor 0: an untrained teacher scores
+    no anchor above the default floor)."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name in TEACHERS:
+        ckpt = save_teacher(root / f"{name}.pt", f"{name}.yaml")
+        store = root / f"{name}.zarr"
+        r = run_cli("dump", "--teacher", ckpt, "--data", dataset, "--out", store, "--imgsz", IMGSZ, "--batch", 4,
+                    "--shard-size", 4, "--views", 1, "--close-views", 1, "--head-floor", 0, "--quiet")
+        assert r.exit_code == 0, r.output
+        out[name] = (ckpt, store)
+    return out
+
+
+@pytest.mark.parametrize("teacher, student", [
+    ("yolov8s", "yolo26n"), ("yolo11s", "yolo26n"), ("yolo26s", "yolo26n"),
+    ("yolo26s", "yolov8n"), ("yolo26s", "yolo11n"), ("yolov8s", "yolov10n"),
+])
+def test_any_student_trains_from_any_teachers_cache(teacher, student, teachers, dataset, tmp_path):
+    """Trains with every term non-zero, and best.pt is a plain Ultralytics checkpoint that validates and exports,
+    an end-to-end student in its end-to-end (NMS-free) form too."""
+    from ultralytics import YOLO
+
+    r = run_cli("train", "--student", f"{student}.yaml", "--cache", teachers[teacher][1], "--data", dataset, "--epochs", 2,
+                "--close-mosaic", 1, "--batch", 4, "--device", "cpu", "--project", tmp_path, "--name", "r")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    with open(tmp_path / "r" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for col in ("train/kd_cls", "train/kd_box", "train/kd_feat"):
+        assert float(rows[0][col]) > 0, col
+    best = tmp_path / "r" / "weights" / "best.pt"
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    model = ckpt["model"] if ckpt.get("model") is not None else ckpt["ema"]
+    assert type(model).__name__ == "DetectionModel" and not any("projector" in k for k in model.state_dict())
+    plain = YOLO(str(best))
+    metrics = plain.val(data=str(dataset), imgsz=IMGSZ, batch=4, device="cpu", plots=False, project=str(tmp_path / "v"))
+    assert metrics.box.map == pytest.approx(float(rows[-1]["metrics/mAP50-95(B)"]), abs=1e-6)
+    onnx = Path(plain.export(format="onnx", imgsz=IMGSZ, device="cpu"))
+    assert onnx.is_file() and onnx.stat().st_size > 100_000
+    if head_spec(plain.model).end2end:
+        import onnxruntime as ort
+
+        e2e = YOLO(str(best)).export(format="onnx", imgsz=IMGSZ, device="cpu", nms=False)
+        shape = ort.InferenceSession(e2e).get_outputs()[0].shape
+        assert shape[0] == 1 and shape[2] == 6, shape  # [image, detection, (x1, y1, x2, y2, score, class)]
+
+
+def _replay_for(reader: CacheReader, dataset) -> Replay:
+    aug = reader.attrs["augment"]
+    index = build_index(load_data_yaml(dataset), check_images=False)
+    return Replay(index, AugmentConfig.from_attrs(aug), IMGSZ, aug["seed"])
+
+
+@pytest.mark.parametrize("student_cfg", ["yolo26n.yaml", "yolov8n.yaml"])
+def test_yolo26_cache_equals_its_live_teacher(teachers, dataset, student_cfg):
+    """Contract 3 for an end-to-end, distance-head teacher: every term from the default store is within 1% of the
+    same term from the live teacher, for a YOLO26 student (distances both sides) and a YOLOv8 one (DFL bins)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    ckpt, store = teachers["yolo26s"]
+    reader = CacheReader(str(store))
+    ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 1), reader)
+    batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(6)])
+    student = DetectionModel(student_cfg, nc=3, verbose=False).train()
+    s = head_spec(student)
+    t = Teacher.load(ckpt)
+    config = load_distill(None, s.reg_max, t.info.reg_max)
+    assert config.terms["box"].loss == "dist_iou"  # the box term that meets across forms, chosen for the pair
+    config = parse_distill({**config.to_dict(), "feat": {**config.to_dict()["feat"], "positions": 64}}, "t.yaml")
+    distiller = Distiller(config, s.reg_max, list(s.levels), list(s.channels), t.info.levels, t.info.feature_channels,
+                          teacher_reg_max=t.info.reg_max, student_strides=list(s.strides), student_branches=s.branches, nc=3)
+    torch.manual_seed(0)
+    preds = student(batch["img"].float() / 255)
+    from_cache = distiller(preds, batch["teacher"])
+    live = t(batch["img"].float() / 255)
+    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))))
+    assert set(from_cache) == {"kd_cls", "kd_box", "kd_feat"}
+    for key in ("kd_cls", "kd_feat"):
+        a, b = float(from_cache[key].detach()), float(from_live[key].detach())
+        assert b > 0 and abs(a - b) <= 0.01 * b, (key, a, b)
+    # the box term reads the kept anchors only (all of them here: floor 0, 64 px has 84 anchors < 512 slots)
+    a, b = float(from_cache["kd_box"].detach()), float(from_live["kd_box"].detach())
+    assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)
+
+
+def _e2e_student(g: torch.Generator, nc: int = 3, anchors: int = 20, reg_max: int = 1) -> dict:
+    feats = [torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 8, 2, 2, generator=g)]
+    branch = lambda: {"boxes": torch.rand(2, 4 * reg_max, anchors, generator=g) * 3, "scores": torch.randn(2, nc, anchors, generator=g), "feats": feats}  # noqa: E731
+    return {b: branch() for b in BRANCHES}
+
+
+@pytest.mark.parametrize("branch", ["one2many", "one2one", "both"])
+def test_class_and_box_terms_teach_the_branch_the_config_names(branch):
+    g = torch.Generator().manual_seed(0)
+    student = _e2e_student(g)
+    head = torch.randn(2, 4 + 3, 20, generator=g)
+    head[:, :4] = head[:, :4].abs() * 2
+    config = parse_distill({"cls": {"loss": "bce", "branch": branch}, "box": {"loss": "dist_l1", "branch": branch}}, "t.yaml")
+    d = Distiller(config, 1, ["p3", "p4"], [4, 8], ["p3", "p4"], [4, 8], teacher_reg_max=1, student_branches=BRANCHES, nc=3)
+    got = d(student, TeacherBatch(head=head))
+    one = {b: Distiller(parse_distill({"cls": {"loss": "bce", "branch": b}, "box": {"loss": "dist_l1", "branch": b}}, "t.yaml"),
+                        1, ["p3", "p4"], [4, 8], ["p3", "p4"], [4, 8], teacher_reg_max=1, student_branches=BRANCHES, nc=3)(student, TeacherBatch(head=head))
+           for b in BRANCHES}
+    assert float((one["one2many"]["kd_cls"] - one["one2one"]["kd_cls"]).abs()) > 1e-3  # the branches differ
+    for key in ("kd_cls", "kd_box"):
+        want = (one["one2many"][key] + one["one2one"][key]) / 2 if branch == "both" else one[branch][key]
+        assert float(got[key]) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_box_term_across_forms_compares_decoded_distances():
+    """A DFL teacher and a distance student meet on distances: the teacher's bins by their expectation."""
+    from softlabel.distill.losses import build_loss
+
+    g = torch.Generator().manual_seed(1)
+    student = _e2e_student(g)
+    t_head = torch.randn(2, 4 * 16 + 3, 20, generator=g)
+    d = Distiller(parse_distill({"box": {"loss": "dist_iou"}}, "t.yaml"), 1, ["p3", "p4"], [4, 8], ["p3", "p4"], [4, 8],
+                  teacher_reg_max=16, student_branches=BRANCHES, nc=3)
+    got = d(student, TeacherBatch(head=t_head))["kd_box"]
+    want = build_loss("dist_iou")(student["one2many"]["boxes"], distances(t_head[:, :64], 16))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(UserError, match="'ld' compares DFL bins.*reg_max 16.*reg_max 1.*dist_iou"):
+        Distiller(parse_distill({"box": {"loss": "ld"}}, "t.yaml"), 1, ["p3", "p4"], [4, 8], ["p3", "p4"], [4, 8],
+                  teacher_reg_max=16, student_branches=BRANCHES, nc=3)
+
+
+def test_nan_recovery_restores_the_adapters_with_the_student(teachers, dataset, tmp_path):
+    """Ultralytics' NaN recovery reloads last.pt: the adapters come back with the student, not left as they were."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import torch_safe_load
+
+    from softlabel.train import make_trainer
+
+    seen = {}
+
+    def corrupt(trainer):
+        if trainer.epoch == 1 and "saved" not in seen:
+            ema = torch_safe_load(str(trainer.last), safe_only=True)[0]["ema"]
+            seen["saved"] = {k: v.float() for k, v in ema.projector.state_dict().items()}
+            with torch.no_grad():
+                for p in trainer.distiller.parameters():
+                    p.fill_(float("nan"))
+            trainer.loss = torch.tensor(float("nan"))
+
+    def restored(trainer):
+        if trainer.epoch == 1 and "saved" in seen and "after" not in seen:
+            seen["after"] = {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
+
+    model = YOLO("yolo26n.yaml")
+    model.add_callback("on_train_epoch_end", corrupt)
+    model.add_callback("on_train_epoch_start", restored)
+    model.train(trainer=make_trainer(cache=str(teachers["yolov8s"][1])), data=str(dataset), epochs=3, imgsz=IMGSZ,
+                batch=4, workers=0, device="cpu", plots=False, project=str(tmp_path), name="n", close_mosaic=1, amp=False)
+    assert seen["saved"] and set(seen["after"]) == set(seen["saved"])
+    assert all(torch.equal(seen["after"][k], seen["saved"][k]) for k in seen["saved"])
