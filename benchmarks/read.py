@@ -7,7 +7,7 @@ The first batch of each loader (worker start-up) is not timed; by then up to 2 x
 already wait in the prefetch queue, a bias that is small once an epoch holds many batches.
 
 Consumption: images per second one training step of the student takes in: forward, the
-detection loss plus the distillation terms (DistillLoss), backward and an SGD step, on a real
+detection loss plus the distillation terms (DistillModel), backward and an SGD step, on a real
 batch from the cache already on the device (AMP on CUDA, as Ultralytics trains).
 
 Reference: samples per second of Ultralytics' own YOLODataset (its mosaic, affine, HSV and flips)
@@ -165,17 +165,20 @@ def student_rate(batch: dict, args, attrs: dict, device) -> float:
 
     from softlabel.distill.config import load_distill
     from softlabel.distill.distiller import Distiller
-    from softlabel.train import DistillLoss, student_levels
+    from softlabel.distill.model import DistillModel
+    from softlabel.heads import head_spec
 
     t = attrs["teacher"]
     model = DetectionModel(args.student, nc=t["nc"], verbose=False).to(device).train()
     model.args = get_cfg()  # the loss gains (box, cls, dfl) Ultralytics' trainer puts there
-    levels, channels, reg_max, _, _ = student_levels(model)
+    s = head_spec(model)
     t_levels = list(attrs["storage"]["levels"])
     t_channels = [dict(zip(t["levels"], t["feature_channels"]))[lvl] for lvl in t_levels]
-    distiller = Distiller(load_distill(None), reg_max, levels, channels, t_levels, t_channels).to(device)
-    model.criterion = DistillLoss(model, distiller, levels)
-    params = [p for p in [*model.parameters(), *distiller.parameters()] if p.requires_grad]
+    distiller = Distiller(load_distill(None, s.reg_max, int(t["reg_max"])), s.reg_max, list(s.levels), list(s.channels),
+                          t_levels, t_channels, teacher_reg_max=int(t["reg_max"]), student_strides=list(s.strides),
+                          student_branches=s.branches, nc=s.nc)
+    model = DistillModel(model, distiller.to(device)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.937, nesterov=True)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
@@ -289,7 +292,7 @@ def main() -> None:
 
     rows = [[w, r, r / consumes, "yes" if r >= consumes else "no"] for w, r in rates.items()]
     footer = [
-        f"student {args.student} step (forward + DistillLoss + backward + SGD, batch {args.batch}): {consumes:.1f} images/s",
+        f"student {args.student} step (forward + DistillModel loss + backward + SGD, batch {args.batch}): {consumes:.1f} images/s",
         f"Ultralytics' own YOLODataset on the same images, 0 workers: {plain:.1f} samples/s (what plain training reads at)",
         f"per sample, 0 workers: {1000.0 / rates['0']:.1f} ms against {1000.0 / plain:.1f} ms for YOLODataset "
         f"({plain / rates['0']:.2f}x)" if "0" in rates else "0 workers not measured",

@@ -143,7 +143,9 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
     student.train()
     spec = head_spec(student)
     levels, channels, reg_max = list(spec.levels), list(spec.channels), spec.reg_max
-    distiller = Distiller(load_distill(None), reg_max, levels, channels, teacher.info.levels, teacher.info.feature_channels)
+    distiller = Distiller(load_distill(None, reg_max, teacher.info.reg_max), reg_max, levels, channels, teacher.info.levels,
+                          teacher.info.feature_channels, teacher_reg_max=teacher.info.reg_max, student_strides=list(spec.strides),
+                          student_branches=spec.branches, nc=spec.nc)
     rel = {k: [] for k in ("total", "kd_cls", "kd_box", "kd_feat")}
     grad = {k: [] for k in rel}
     n = min(samples, len(ds))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from softlabel.anchors import level_ranges, rank
+
 
 def logit(p: Tensor) -> Tensor:
     p = p.clamp(1e-7, 1 - 1e-7)
@@ -35,7 +37,7 @@ def select_topk(head: Tensor, reg_max: int, topk: int, floor: float) -> tuple[Te
     logits = head[:, 4 * reg_max :, :].float()  # [B, nc, A]
     score = logits.amax(1)
     # a stable descending sort keeps the lower anchor first among equal scores
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+    order = rank(score, k)
     if floor > 0:
         keep = score.gather(1, order) >= logit(torch.tensor(floor, dtype=torch.float32, device=head.device))
     else:
@@ -64,16 +66,15 @@ def gather_rows(feats: list[Tensor | None], sizes: list[int], index: Tensor, wid
     idx = index.long()
     rows = torch.zeros((b, k, width), dtype=torch.float32, device=index.device)
     level = torch.full_like(idx, -1)
-    start = 0
-    for lvl, (f, n) in enumerate(zip(feats, sizes)):
-        inside = (idx >= start) & (idx < start + n)
+    for lvl, (f, (start, end)) in enumerate(zip(feats, level_ranges(sizes))):
+        n = end - start
+        inside = (idx >= start) & (idx < end)
         level = torch.where(inside, torch.full_like(idx, lvl), level)
         if f is not None:
             c = f.shape[1]
             local = (idx - start).clamp(0, n - 1)
             got = f.flatten(2).gather(2, local[:, None, :].expand(b, c, k)).transpose(1, 2).float()
             rows[:, :, :c] = torch.where(inside[:, :, None], got, rows[:, :, :c])
-        start += n
     return rows, level
 
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from softlabel import trust
+from softlabel.anchors import level_ranges, map_sizes
 from softlabel.errors import UserError
-from softlabel.heads import DEFAULT_BRANCH, branch_output, check_branch, head_spec, level_name  # noqa: F401
+from softlabel.heads import DEFAULT_BRANCH, branch_output, check_branch, head_spec
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,10 @@ class Teacher:
 
 def split_levels(boxes: torch.Tensor, scores: torch.Tensor, feats: Sequence[torch.Tensor]) -> TeacherOutput:
     """Turn the head's anchor-major tensors [B, C, A] back into per-level maps [B, C, H, W]."""
-    head, start = [], 0
-    for f in feats:
+    head = []
+    for f, (start, end) in zip(feats, level_ranges(map_sizes(feats))):
         b, _, h, w = f.shape
-        n = h * w
-        head.append(torch.cat([boxes[:, :, start : start + n], scores[:, :, start : start + n]], 1).reshape(b, -1, h, w))
-        start += n
+        head.append(torch.cat([boxes[:, :, start:end], scores[:, :, start:end]], 1).reshape(b, -1, h, w))
     return TeacherOutput(head=head, feat=list(feats))
 
 

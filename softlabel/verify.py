@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from softlabel.anchors import level_ranges, map_sizes
 from softlabel.augment import AugmentConfig
 from softlabel.cache import store
 from softlabel.cache.info import kept_anchor_stats, render_kept
@@ -324,27 +325,22 @@ def _pairs(reader: CacheReader, cached, out) -> list[tuple[str, np.ndarray, np.n
             # the int8 step from the live values, as the dump scaled them: a damaged stored scale cannot widen it
             pairs.append(("head/values", cached.head_values()[keep], live, np.abs(live).max(axis=0, keepdims=True) / 127))
     else:
-        start = 0
-        for lvl, h in zip(levels, live_head):
-            n = h.shape[1] * h.shape[2]
-            c = cached.head[:, start : start + n].reshape(h.shape)
+        for lvl, h, (start, end) in zip(levels, live_head, level_ranges(map_sizes(live_head))):
+            c = cached.head[:, start:end].reshape(h.shape)
             pairs.append((f"head/{lvl}", c.astype(np.float32), h, np.abs(h).max(axis=(1, 2), keepdims=True) / 127))
-            start += n
     if cached.rows is not None:
         index = cached.index[: len(cached.rows)]  # rows cover the first F slots
         row_level = reader.anchor_levels()[np.maximum(index, 0)]
         row_level = np.where(index >= 0, row_level, -1)
         rows = cached.row_values(row_level)
-        start, feat_levels = 0, reader.feature_levels
-        for lvl, h in zip(levels, live_head):
-            n = h.shape[1] * h.shape[2]
-            inside = (index >= start) & (index < start + n)
+        feat_levels = reader.feature_levels
+        for lvl, (start, end) in zip(levels, level_ranges(map_sizes(live_head))):
+            inside = (index >= start) & (index < end)
             if lvl in live_feat and lvl in feat_levels and inside.any():
                 f = live_feat[lvl].reshape(live_feat[lvl].shape[0], -1)  # [C, H*W]
                 live = f[:, index[inside] - start].T  # [k, C]
                 step = np.abs(live).max(axis=0, keepdims=True) / 127
                 pairs.append((f"feat/rows/{lvl}", rows[inside, : f.shape[0]], live, step))
-            start += n
     else:
         for lvl in cached.feat:
             live = live_feat[lvl]

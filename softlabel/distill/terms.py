@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from softlabel.anchors import level_ranges, map_sizes, rank, split_levels
 from softlabel.distill.adapters import FeatureAdapters
 from softlabel.distill.losses import LOSSES, build_loss
 from softlabel.distill.teacherbatch import TeacherBatch
@@ -168,8 +169,7 @@ class FeatureTerm(Term):
         each level's confidence mass over them. Only those positions are gathered and projected, so the term
         costs the same whatever the image size; elsewhere a confidence weight is near zero anyway."""
         k = min(self.positions, t_best.shape[1])
-        # ranked as the dump ranks the anchors it keeps: by best class logit, the lower anchor first among equals
-        top = torch.sort(t_best, dim=1, descending=True, stable=True).indices[:, :k]
+        top = rank(t_best, k)  # ranked as the dump ranks the anchors it keeps
         chosen = torch.zeros_like(t_best, dtype=torch.bool).scatter_(1, top, True)
         chosen = self._per_level(chosen, all_feats)
         terms, mass = [], []
@@ -197,28 +197,24 @@ class FeatureTerm(Term):
         anchor = t.index[:, :k].long()
         chosen = anchor >= 0
         slot = torch.arange(k, device=anchor.device).expand_as(anchor)
-        sizes = [f.shape[2] * f.shape[3] for f in all_feats]  # the head's anchors run P3..P5, one per feature position
-        starts = dict(zip(self.student_levels, [sum(sizes[:i]) for i in range(len(sizes))]))
-        ends = {lvl: starts[lvl] + n for lvl, n in zip(self.student_levels, sizes)}
+        ranges = dict(zip(self.student_levels, level_ranges(map_sizes(all_feats))))  # one anchor per feature position
         terms, mass = [], []
         for level, (lvl, fn, s) in enumerate(zip(self.levels, self.loss, s_feats)):
-            b, q = (chosen & (anchor >= starts[lvl]) & (anchor < ends[lvl])).nonzero(as_tuple=True)
+            start, end = ranges[lvl]
+            b, q = (chosen & (anchor >= start) & (anchor < end)).nonzero(as_tuple=True)
             w = conf[b, q]
             mass.append(w.sum())
             if len(b) == 0:  # no chosen anchor on this level in this batch
                 terms.append(s.new_zeros((), dtype=torch.float32))
                 continue
-            s_rows = self.adapters.rows(level, s.flatten(2)[b, :, anchor[b, q] - starts[lvl]].float())
+            s_rows = self.adapters.rows(level, s.flatten(2)[b, :, anchor[b, q] - start].float())
             t_rows = t.stored_rows(lvl, b, slot[b, q], self.adapters.teacher_channels[level])
             terms.append(fn(s_rows, t_rows, w if self.weighted else None))
         return torch.stack(terms), torch.stack(mass)
 
     def _per_level(self, per_anchor: Tensor, feats: list[Tensor]) -> list[Tensor]:
         """A per-anchor tensor [B, A] (the teacher's confidence, or any anchor flag) cut into the levels' [B, H*W] slices."""
-        sizes = [f.shape[2] * f.shape[3] for f in feats]  # the head's anchors run P3..P5, one per feature position
-        if sum(sizes) != per_anchor.shape[1]:
-            raise ValueError(f"teacher head has {per_anchor.shape[1]} anchors, student feature maps {sum(sizes)} positions")
-        per_level = dict(zip(self.student_levels, torch.split(per_anchor, sizes, dim=1)))
+        per_level = dict(zip(self.student_levels, split_levels(per_anchor, map_sizes(feats))))
         return [per_level[lvl] for lvl in self.levels]
 
 

@@ -10,7 +10,6 @@ resume and NaN recovery treat them as part of the model. best.pt holds the plain
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
