@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, default
 from softlabel.errors import UserError
 from softlabel.views import DEFAULT_VIEWS, FIT_REPLAYS
 
@@ -75,34 +76,34 @@ def main() -> None:
 @click.option("--teacher", required=True, help="Ultralytics detection checkpoint (.pt) of the teacher, e.g. yolov8x.pt.")
 @click.option("--data", required=True, help="Ultralytics data.yaml; its 'train' split is replayed and cached.")
 @click.option("--out", required=True, help="Cache store to write: a folder (cache.zarr) or an fsspec URL (s3://..., memory://...).")
-@click.option("--views", default=DEFAULT_VIEWS, show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. "
+@click.option("--views", default=default("views"), show_default=True, type=click.IntRange(min=1), help="Mosaic views per image; student epoch e replays view e mod VIEWS. "
               f"Past about {FIT_REPLAYS} replays of each view a student fits the cached outputs instead of learning from them: give at least "
               f"(epochs - close_mosaic) / {FIT_REPLAYS} ({DEFAULT_VIEWS} suits Ultralytics' 100 epochs). Each view adds a teacher pass and its bytes.")
-@click.option("--close-views", default=1, show_default=True, type=click.IntRange(min=0), help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
-@click.option("--imgsz", default=640, show_default=True, callback=_imgsz, help="Square input size of teacher and students (multiple of 32).")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Teacher batch size.")
-@click.option("--device", default="cpu", show_default=True, help="Teacher device: cpu, 0, 1, ... or cuda:N (AMP on CUDA).")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes replaying augmentations.")
-@click.option("--seed", default=0, show_default=True, help="Augmentation seed; students replay the same seed.")
+@click.option("--close-views", default=default("close_views"), show_default=True, type=click.IntRange(min=0), help="Closing (no-mosaic) views for the student's last close_mosaic epochs.")
+@click.option("--imgsz", default=default("imgsz"), show_default=True, callback=_imgsz, help="Square input size of teacher and students (multiple of 32).")
+@click.option("--batch", default=default("batch"), show_default=True, type=click.IntRange(min=1), help="Teacher batch size.")
+@click.option("--device", default=default("device"), show_default=True, help="Teacher device: cpu, 0, 1, ... or cuda:N (AMP on CUDA).")
+@click.option("--workers", default=default("workers"), show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes replaying augmentations.")
+@click.option("--seed", default=default("seed"), show_default=True, help="Augmentation seed; students replay the same seed.")
 @click.option("--augment", "augment", default=None, help="Augmentation config: a built-in name (default) or a YAML path [default: default, Ultralytics' defaults].")
 @click.option("--levels", default=None, help="Feature levels to keep, comma-separated (e.g. p4,p5) [default: all].")
 @click.option("--no-features", is_flag=True, help="Store head outputs only, no neck features.")
-@click.option("--features", "feature_layout", default="sparse", show_default=True, type=click.Choice(["sparse", "dense"]),
+@click.option("--features", "feature_layout", default=default("feature_layout"), show_default=True, type=click.Choice(["sparse", "dense"]),
               help="sparse: feature vectors at the sparse head's first --feature-rows kept anchors only (what the default feature term reads); "
                    "dense: whole feature maps, for configs with cwd, mgd or 'positions: all'.")
-@click.option("--codec", default=None, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4 [default: blosc-zstd].")
-@click.option("--precision", default="int8", show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
+@click.option("--codec", default=default("codec"), show_default=True, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4.")
+@click.option("--precision", default=default("precision"), show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel.")
-@click.option("--head-topk", default=512, show_default=True, type=int,
-              help="Sparse head: keep DFL bins and class logits only for at most K anchors with the highest teacher score per image; "
+@click.option("--head-topk", default=default("head_topk"), show_default=True, type=int,
+              help="Sparse head: keep box outputs and class logits only for at most K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
               help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this "
-                   "[default: 0.005 with a sparse head].")
+                   f"[default: {DEFAULT_HEAD_FLOOR} with a sparse head].")
 @click.option("--feature-rows", default=None, type=int,
               help="Sparse features: store feature vectors for the F most confident kept anchors only (1 <= F <= K); "
-                   "a config's 'positions' must not exceed F [default: 64, or K if smaller].")
-@click.option("--shard-size", default=16, show_default=True, type=click.IntRange(min=1), help="Samples per shard (the unit of writing and of resume).")
+                   f"a config's 'positions' must not exceed F [default: {DEFAULT_FEATURE_ROWS}, or K if smaller].")
+@click.option("--shard-size", default=default("shard_size"), show_default=True, type=click.IntRange(min=1), help="Samples per shard (the unit of writing and of resume).")
 @click.option("--overwrite", is_flag=True,
               help="Delete the softlabel cache at --out and start over. Only a softlabel cache is ever deleted: "
                    "a folder or file holding anything else is refused and left untouched.")
@@ -110,7 +111,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--teacher-branch", "branch", default=None, type=click.Choice(["one2many", "one2one"]),
               help="End-to-end teachers (YOLO26, YOLOv10): the branch whose outputs are cached [default: one2many, the dense branch]; ignored for other heads.")
-@click.option("--half/--no-half", default=True, show_default=True,
+@click.option("--half/--no-half", default=default("half"), show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
 def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, branch, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
@@ -118,14 +119,13 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
     Running the same command again resumes at the first unfinished shard; a store written with
     other settings is refused with the list of what differs.
     """
-    from softlabel.cache.codecs import DEFAULT_CODEC
     from softlabel.cache.info import human_bytes
     from softlabel.dump import DumpSettings, run_dump
 
     settings = DumpSettings(
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features, feature_layout=feature_layout,
-        overwrite=overwrite, codec=codec or DEFAULT_CODEC, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
+        overwrite=overwrite, codec=codec, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half, branch=branch,
     )
     result = run_dump(settings)
@@ -250,12 +250,13 @@ def _check_train_sources(cache: str | None, teacher: str | None, data: str | Non
         from softlabel.cache.reader import CacheReader
 
         reader = CacheReader(cache)
-        data = data or reader.attrs["data"]["yaml"]
+        desc = reader.description
+        data = data or desc.data.yaml
         spec = load_data_yaml(data)
-        recorded = int(reader.attrs["augment"]["imgsz"])
+        recorded = desc.augment.imgsz
         if imgsz is not None and imgsz != recorded:
             raise UserError(f"{cache}: the cache was dumped at imgsz {recorded} but training asks for imgsz {imgsz} (--imgsz)")
-        check_class_names(reader.attrs["teacher"]["names"], list(spec.names), cache, spec.yaml_path)
+        check_class_names(list(desc.teacher.names), list(spec.names), cache, spec.yaml_path)
         reader.require_complete()
         return data, recorded
     if not data:

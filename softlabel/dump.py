@@ -17,7 +17,7 @@ from tqdm import tqdm
 import softlabel
 from softlabel.augment import load_augment
 from softlabel.cache import store
-from softlabel.cache.codecs import DEFAULT_CODEC, codec_choice
+from softlabel.cache.codecs import codec_choice
 from softlabel.cache.info import human_bytes
 from softlabel.cache.encoding import PRECISIONS, stored_dtype
 from softlabel.cache.lock import DumpLock
@@ -29,53 +29,7 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
 from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
-from softlabel.views import DEFAULT_VIEWS
-
-
-# A sparse head keeps up to 512 anchors per image whose teacher score is at least 0.005: at 640 px
-# with a trained teacher every term's loss and gradient stay close to the whole outputs'
-# (benchmarks/topk.py). Feature rows are stored for the 64 most confident of them only, which is
-# what the default feature term reads ('positions: 64'), so a sample-view stays small (README, Storage).
-DEFAULT_HEAD_TOPK = 512
-DEFAULT_HEAD_FLOOR = 0.005
-DEFAULT_FEATURE_ROWS = 64
-
-# A teacher too weak to score anchors above the floor keeps none, and the class, box and feature terms,
-# which read the kept anchors, are zero all training long. Measured on the first batch a dump runs,
-# before anything of it is written; below this many kept anchors per image on average, the dump warns.
-FEW_KEPT = 4
-
-
-@dataclass
-class DumpSettings:
-    teacher: str
-    data: str
-    out: str
-    views: int = DEFAULT_VIEWS
-    close_views: int = 1
-    imgsz: int = 640
-    batch: int = 16
-    device: str = "cpu"
-    workers: int = 0
-    seed: int = 0
-    augment: str | None = None
-    levels: list[str] | None = None  # feature levels to keep; None keeps all
-    features: bool = True
-    feature_layout: str = "sparse"  # "sparse": rows at the sparse head's kept anchors; "dense": whole maps
-    overwrite: bool = False
-    codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults (int8, DEFAULT_HEAD_TOPK/FLOOR, DEFAULT_FEATURE_ROWS) keep a 640 px, 80-class YOLOv8x
-    # sample-view small, features included (README, Storage).
-    precision: str = "int8"
-    head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
-    head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
-    # sparse features: rows for the first F kept slots; None: DEFAULT_FEATURE_ROWS, or K if that is smaller
-    feature_rows: int | None = None
-    shard_size: int = 16
-    progress: bool = True
-    strict: bool = False  # refuse images Ultralytics would skip, instead of skipping them
-    half: bool = True  # float16 teacher on CUDA (the precision used is recorded as teacher.compute_dtype)
-    branch: str | None = None  # an end-to-end teacher: the branch whose outputs are kept; None: heads.DEFAULT_BRANCH
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings  # noqa: F401
 
 
 @dataclass

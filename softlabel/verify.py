@@ -11,10 +11,10 @@ import torch
 from tqdm import tqdm
 
 from softlabel.anchors import level_ranges, map_sizes
-from softlabel.augment import AugmentConfig
 from softlabel.cache import store
 from softlabel.cache.info import kept_anchor_stats, render_kept
 from softlabel.cache.presence import check_shard, shard_key
+from softlabel.cache.description import TeacherRecord
 from softlabel.cache.reader import CacheReader, MisplacedRecord
 from softlabel.cache.schema import digest_path, fingerprint_path
 from softlabel.data import build_index, load_data_yaml
@@ -99,7 +99,7 @@ def check_presence(reader: CacheReader, report: VerifyReport) -> None:
             report.missing.append(f"samples/path chunk {k}: missing")
 
 
-def resume_command(recorded: list[str] | None, location: str) -> str:
+def resume_command(recorded: tuple[str, ...] | None, location: str) -> str:
     """The dump's own command line, pointed at the store where it is now (it may have been moved)."""
     if not recorded:
         return "the same 'softlabel dump' command that wrote it"
@@ -166,16 +166,16 @@ def scan_chunks(reader: CacheReader, report: VerifyReport) -> None:
 
 def check_attributes(reader: CacheReader, report: VerifyReport, index, spec) -> None:
     """What the root attributes say against what the store, the data and the arrays hold."""
-    attrs, layout = reader.attrs, reader.layout
-    data = attrs["data"]
+    desc, layout = reader.description, reader.layout
+    data = desc.data
     paths = [str(p) for p in reader._array("samples/path")[:].tolist()]
     for what, stored, actual in (
-        ("data.count vs samples/path", data["count"], len(paths)),
-        ("data.count vs the data's images", data["count"], len(index)),
-        ("data.nc vs the data", data.get("nc"), spec.nc),
-        ("data.names vs the data", list(data.get("names") or []), list(spec.names)),
-        ("teacher.names vs data.names", list(attrs["teacher"]["names"]), list(data.get("names") or [])),
-        ("teacher.nc vs teacher.names", attrs["teacher"]["nc"], len(attrs["teacher"]["names"])),
+        ("data.count vs samples/path", data.count, len(paths)),
+        ("data.count vs the data's images", data.count, len(index)),
+        ("data.nc vs the data", data.nc, spec.nc),
+        ("data.names vs the data", list(data.names), list(spec.names)),
+        ("teacher.names vs data.names", list(desc.teacher.names), list(data.names)),
+        ("teacher.nc vs teacher.names", desc.teacher.nc, len(desc.teacher.names)),
     ):
         report.attributes_checked += 1
         if stored != actual:
@@ -197,13 +197,14 @@ def check_attributes(reader: CacheReader, report: VerifyReport, index, spec) -> 
                 report.attributes.append(f"{name}: shape {tuple(arr.shape)} {arr.dtype}, the attributes describe {want} {spec_.dtype}")
 
 
-def check_teacher_attributes(recorded: dict, live: TeacherInfo, report: VerifyReport) -> None:
+def check_teacher_attributes(recorded: TeacherRecord, live: TeacherInfo, report: VerifyReport) -> None:
     """The store's description of its teacher against the teacher itself."""
     for key in ("arch", "nc", "names", "strides", "reg_max", "levels", "feature_channels", "branches", "branch"):
         report.attributes_checked += 1
         theirs = getattr(live, key)
-        if _plain(recorded.get(key)) != _plain(theirs):
-            report.attributes.append(f"teacher.{key}: the store says {_short(recorded.get(key))}, the teacher has {_short(theirs)}")
+        ours = getattr(recorded, key)
+        if _plain(ours) != _plain(theirs):
+            report.attributes.append(f"teacher.{key}: the store says {_short(_plain(ours))}, the teacher has {_short(_plain(theirs))}")
 
 
 def _plain(v):
@@ -240,7 +241,7 @@ def run_verify(
     from softlabel.dump import resolve_device
 
     reader = CacheReader(location)
-    attrs = reader.attrs
+    desc = reader.description
     precision = reader.layout.precision
     default_atol, default_rtol = TOLERANCE[precision]
     widen = atol is None, rtol is None  # only defaults grow for a float16 teacher; a given tolerance is taken as given
@@ -251,27 +252,27 @@ def run_verify(
     if not report.incomplete:
         report.kept = kept_anchor_stats(store.open_group(location, mode="r"), reader.layout, location)
     if report.incomplete:
-        report.resume = resume_command(attrs.get("command"), location)
+        report.resume = resume_command(desc.command, location)
     if scan:
         scan_chunks(reader, report)
-    spec = load_data_yaml(data or attrs["data"]["yaml"])
-    index = build_index(spec, attrs["data"]["split"], check_images=False)
-    if index.list_hash() != attrs["data"]["images_hash"]:
+    spec = load_data_yaml(data or desc.data.yaml)
+    index = build_index(spec, desc.data.split, check_images=False)
+    if index.list_hash() != desc.data.images_hash:
         raise UserError(f"{spec.yaml_path}: the images or labels differ from the ones the cache was dumped from")
     check_attributes(reader, report, index, spec)
-    dumped = attrs["teacher"].get("compute_dtype", "float16")  # a store that predates the record: assume the coarser
+    dumped = desc.teacher.compute_dtype
     # hashed before it is loaded: a file that is not the dump's teacher never gets to run
-    t = Teacher.load(teacher or attrs["teacher"]["path"], device=resolve_device(device),
-                     amp=dumped == "float16" if half is None else half, expect_sha256=attrs["teacher"]["sha256"],
-                     branch=attrs["teacher"]["branch"] or None)
+    t = Teacher.load(teacher or desc.teacher.path, device=resolve_device(device),
+                     amp=dumped == "float16" if half is None else half, expect_sha256=desc.teacher.sha256,
+                     branch=desc.teacher.branch or None)
     report.compute = f"teacher {dumped} in the dump, {t.compute_dtype} here"
     if "float16" in (dumped, t.compute_dtype):
         report.atol += HALF_COMPUTE_TOLERANCE[0] if widen[0] else 0.0
         report.rtol += HALF_COMPUTE_TOLERANCE[1] if widen[1] else 0.0
-    check_teacher_attributes(attrs["teacher"], t.info, report)
+    check_teacher_attributes(desc.teacher, t.info, report)
     atol, rtol = report.atol, report.rtol
-    aug = attrs["augment"]
-    replay = Replay(index, AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
+    aug = desc.augment
+    replay = Replay(index, aug.config, aug.imgsz, aug.seed)
     done = reader.done()
     candidates = [(v, i) for v, i in pick_samples(reader.layout.views, samples, len(index)) if done[v][i // reader.layout.shard_size]]
     for view_key, i in tqdm(candidates, desc="verify: against the live teacher", unit="sample", disable=None, leave=False):

@@ -5,7 +5,11 @@ MASTER_PORT set as torch.distributed.run sets them (none of them for a single pr
 builds its trainer as Ultralytics' generated DDP script does, trains, and writes what it saw to
 <out>/rank<R>.pt: the samples of every batch, the replayed and cached fingerprint of every sample
 it loaded, the loss items of every step, and its adapters and student parameters at the start
-and at the end.
+and at the end (and, at the end, its EMA's, which last.pt holds and a resumed run starts from).
+
+The distillation terms live inside the trained module (a DistillModel: the student at
+`student_model`, the terms at `projector`), so DDP wraps them with the student; "adapters" below are
+every parameter of the projector and "student" every parameter of the student alone.
 
 Only the CUDA device setup is replaced: Ultralytics' `_setup_ddp` picks a CUDA device and NCCL,
 and it passes that device's index to DistributedDataParallel as device_ids, which a CPU module
@@ -99,6 +103,11 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
 
 
+def _parts(wrapper) -> dict[str, dict[str, torch.Tensor]]:
+    """The projector's parameters and the student's, of the trained DistillModel or its EMA copy."""
+    return {"adapters": _params(wrapper.projector), "student": _params(wrapper.student_model)}
+
+
 def main(spec: dict) -> None:
     out = Path(spec["out"])
     record: dict = {"rank": RANK, "steps": [], "fingerprints": {}}
@@ -122,29 +131,42 @@ def main(spec: dict) -> None:
             return dataset
 
         def optimizer_step(self):
-            # which adapter parameters this rank's backward left without a gradient (before the all-reduce)
-            record["steps"][-1]["no_grad"] = [n for n, p in self.distiller.named_parameters() if p.grad is None]
+            # after DDP's reduction: the projector parameters without a gradient. With find_unused_parameters
+            # a parameter some rank used gets the averaged gradient on every rank; only one that no rank
+            # used keeps None. What this rank's own backward reached is recorded by the hooks in on_start.
+            step = record["steps"][-1]
+            step["no_grad"] = sorted(n for n, p in self.distiller.named_parameters() if p.grad is None)
+            step["local_no_grad"] = sorted(n for n, _ in self.distiller.named_parameters() if n not in step["local"])
+            del step["local"]
             super().optimizer_step()
 
         def preprocess_batch(self, batch):
-            record["steps"].append({"epoch": batch["epoch"].tolist(), "samples": batch["sample"].tolist()})
+            record["steps"].append({"epoch": batch["epoch"].tolist(), "samples": batch["sample"].tolist(), "local": set()})
             return super().preprocess_batch(batch)
 
     def on_start(trainer):
-        record["start"] = {"adapters": _params(trainer.distiller), "student": _params(unwrap_model(trainer.model))}
+        # after DDP has wrapped the DistillModel (and broadcast rank 0's parameters) and resume has run
+        model = unwrap_model(trainer.model)
+        assert trainer.distiller is model.projector
+        record["start"] = _parts(model)
         record["start_epoch"] = trainer.start_epoch
-        record["groups"] = [(g.get("param_group"), g["lr"], g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups]
+        record["ddp"] = isinstance(trainer.model, DistributedDataParallel)
+        record["branches"] = list(trainer.distiller.student.branches)  # the student's head as the terms read it
+        for name, p in trainer.distiller.named_parameters():
+            # fires when this rank's backward computes the parameter's gradient, before DDP reduces it;
+            # a parameter this rank's loss did not reach never fires
+            p.register_hook(lambda grad, name=name: record["steps"][-1]["local"].add(name))
 
     def on_epoch_end(trainer):
-        record.setdefault("epochs", {})[trainer.epoch] = {
-            "adapters": _params(trainer.distiller), "student": _params(unwrap_model(trainer.model))
-        }
+        record.setdefault("epochs", {})[trainer.epoch] = _parts(unwrap_model(trainer.model))
 
     def on_batch_end(trainer):
         record["steps"][-1]["loss"] = {k: float(v) for k, v in trainer.loss_items.items()}
 
     def finish(trainer):
-        record["end"] = {"adapters": _params(trainer.distiller), "student": _params(unwrap_model(trainer.model))}
+        record["end"] = _parts(unwrap_model(trainer.model))
+        record["ema"] = _parts(trainer.ema.ema)
+        record["criterion"] = type(unwrap_model(trainer.model).criterion).__name__  # the student's own detection loss
         record["epoch"] = trainer.epoch
 
     def maybe_stop(trainer):

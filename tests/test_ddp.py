@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli
+from ultralytics.utils.torch_utils import unwrap_model
 
 from softlabel.train.sampler import EpochSampler
 from softlabel.teacher import save_checkpoint_from_yaml
@@ -103,9 +104,12 @@ def ddp_setup(tmp_path_factory, dataset):
                 "--views", 1, "--close-views", 1, "--quiet", "--features", "dense", "--head-floor", 0)
     assert r.exit_code == 0, r.output
     student = save_checkpoint_from_yaml("yolov8n.yaml", NAMES[:3], tmp / "student.pt")
+    # YOLO26: reg_max 1 and an end-to-end head (one2many and one2one), taught from the same yolov8n cache
+    student26 = save_checkpoint_from_yaml("yolo26n.yaml", NAMES[:3], tmp / "student26.pt")
     from softlabel.builtin import CONFIG_DIR
 
     default = yaml.safe_load((CONFIG_DIR / "distill" / "default.yaml").read_text())
+    distances = yaml.safe_load((CONFIG_DIR / "distill" / "distances.yaml").read_text())
     # "even": every term a plain mean over equal parts of each image, so the mean of the two ranks'
     # values is the value on the whole batch (weighted terms normalise by each rank's own weights)
     even = {**default, "box": {**default["box"], "confidence_weighted": False},
@@ -113,8 +117,13 @@ def ddp_setup(tmp_path_factory, dataset):
     # "uneven": one position per image, so the two images of a rank choose at most two of the three
     # levels, and the ranks leave different adapters without a gradient
     uneven = {**default, "feat": {**default["feat"], "positions": 1}}
+    # the built-in config for a pair whose box forms differ, made even the same way; its class and box terms
+    # teach both branches of the end-to-end student, so the one2one head's gradients cross DDP too
+    even26 = {**distances, "cls": {**distances["cls"], "branch": "both"},
+              "box": {**distances["box"], "confidence_weighted": False, "branch": "both"},
+              "feat": {**distances["feat"], "confidence_weighted": False, "level_balance": "equal", "positions": "all"}}
     configs = {}
-    for name, cfg in (("even", even), ("uneven", uneven)):
+    for name, cfg in (("even", even), ("uneven", uneven), ("even26", even26)):
         configs[name] = tmp / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(cfg))
     # Detection gains 0: Ultralytics normalises the detection loss by each rank's own target score sum,
@@ -124,7 +133,7 @@ def ddp_setup(tmp_path_factory, dataset):
     args = dict(model=str(student), data=str(dataset), epochs=2, imgsz=IMGSZ, batch=4, workers=0, device="cpu",
                 plots=False, project=str(tmp / "runs"), exist_ok=True, seed=0, nbs=4, close_mosaic=1, amp=False,
                 optimizer="SGD", lr0=0.01, warmup_epochs=0, val=False, box=0.0, cls=0.0, dfl=0.0)
-    return tmp, {"cache": str(cache), "args": args, "running_stats_bn": True}, configs
+    return tmp, {"cache": str(cache), "args": args, "running_stats_bn": True}, configs, {"yolov8n": student, "yolo26n": student26}
 
 
 def _flat(params: dict) -> torch.Tensor:
@@ -148,9 +157,48 @@ UPDATE_RTOL = 1e-3
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-7
 
 
+def _assert_two_ranks_equal_one_process(one: dict, two: list[dict], epoch: int = 0) -> None:
+    """Both ranks ran under DDP and stayed identical, and their epoch `epoch` equals one process's: the
+    adapters start from the same parameters, each step's loss items averaged over the ranks equal one
+    process's on the same global batch, and the student and the adapters moved alike."""
+    assert [r["ddp"] for r in two] == [True, True] and not one["ddp"]
+    # the adapters start identical on both ranks and equal to one process's (built from the seed, then broadcast)
+    _assert_same_on_ranks(two, "start")
+    assert one["start"]["adapters"] and torch.equal(_flat(two[0]["start"]["adapters"]), _flat(one["start"]["adapters"]))
+    # after the steps, every student and adapter parameter is identical on both ranks
+    _assert_same_on_ranks(two, "end")
+
+    # the loss trajectory: each step's loss items, averaged over the ranks as DDP averages gradients,
+    # equal one process's on the same global batch
+    steps = [s for s in one["steps"] if s["epoch"][0] == epoch]
+    assert len(steps) == len(two[0]["steps"]) == len(two[1]["steps"]) == 3
+    for k, ref in enumerate(steps):
+        for item, value in ref["loss"].items():
+            ddp = sum(r["steps"][k]["loss"][item] for r in two) / 2
+            assert abs(ddp - value) <= LOSS_RTOL * abs(value) + LOSS_ATOL, (k, item, ddp, value)
+    assert all(steps[0]["loss"][k] > 0 for k in ("kd_cls", "kd_box", "kd_feat"))
+    # and the parameters moved alike: the update of the two ranks equals one process's
+    for part in ("student", "adapters"):
+        start = _flat(one["start"][part])
+        mine, theirs = _flat(two[0]["end"][part]) - start, _flat(one["epochs"][epoch][part]) - start
+        assert theirs.norm() > 0
+        assert (mine - theirs).norm() <= UPDATE_RTOL * theirs.norm(), (part, float((mine - theirs).norm() / theirs.norm()))
+
+
+def _assert_same_as_saved(resumed: list[dict], saved: dict) -> None:
+    """A resumed run starts from last.pt, which holds the EMA of the wrapper (student and projector) in float16."""
+    for part in ("student", "adapters"):
+        expected = {k: v.half().float() for k, v in saved[part].items()}
+        for r in resumed:
+            got = r["start"][part]
+            assert got.keys() == expected.keys(), part
+            differ = [k for k in got if not torch.equal(got[k], expected[k])]
+            assert not differ, f"{part}: rank {r['rank']} resumed with other values in {differ[:5]}"
+
+
 @pytest.mark.slow
 def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
-    tmp, spec, configs = ddp_setup
+    tmp, spec, configs, _ = ddp_setup
     spec = {**spec, "distill": str(configs["even"])}
     n = 12  # make_dataset's training images
     # every run stops at the end of its last epoch (after the in-loop validation and save): the final
@@ -160,12 +208,18 @@ def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
     last = Path(spec["args"]["project"]) / "two" / "weights" / "last.pt"
     resumed = _launch(tmp, "resumed", 2, {**spec, "args": {"resume": str(last), "data": spec["args"]["data"]}, "stop_after": 1})
 
-    # the adapters start identical on both ranks and equal to one process's (built from the seed, then broadcast)
-    _assert_same_on_ranks(two, "start")
-    assert torch.equal(_flat(two[0]["start"]["adapters"]), _flat(one["start"]["adapters"]))
-    # after the steps, every student and adapter parameter is identical on both ranks
-    _assert_same_on_ranks(two, "end")
+    _assert_two_ranks_equal_one_process(one, two)
+    _assert_same_on_ranks(resumed, "start")
     _assert_same_on_ranks(resumed, "end")
+    assert [r["ddp"] for r in resumed] == [True, True]
+
+    # the resumed ranks continued from what the two ranks saved: the trained adapters came back from
+    # last.pt with the student (not rebuilt from the seed), the same on both ranks
+    _assert_same_as_saved(resumed, two[0]["ema"])
+    assert not torch.equal(_flat(resumed[0]["start"]["adapters"]), _flat(two[0]["start"]["adapters"]))
+    # the resumed run continued at epoch 1 (a closing epoch) on both ranks, and trained its adapters on
+    assert [r["start_epoch"] for r in resumed] == [1, 1]
+    assert (_flat(resumed[0]["end"]["adapters"]) - _flat(resumed[0]["start"]["adapters"])).norm() > 0
 
     # each rank saw a distinct half; together, one process's global batches in its order
     for records, epoch in ((two, 0), (resumed, 1)):
@@ -177,8 +231,6 @@ def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
         assert [sorted(a["samples"] + b["samples"]) for a, b in zip(*(r["steps"] for r in records))] == reference
         for r in records:
             assert seen[r["rank"]] == EpochSampler(n, seed=0, rank=r["rank"], world=2).order(epoch)[r["rank"] :: 2]
-    # the resumed run continued at epoch 1 (a closing epoch) on both ranks
-    assert [r["start_epoch"] for r in resumed] == [1, 1]
 
     # every sample a rank loaded had its replayed and cached fingerprints compared, and they matched
     for records, view in ((two, "v0"), (resumed, "c0")):
@@ -187,33 +239,45 @@ def test_two_ranks_train_as_one_process_and_resume(ddp_setup):
             assert set(r["fingerprints"]) == loaded
             assert all(fp["replayed"] == fp["cached"] for fp in r["fingerprints"].values())
 
-    # the loss trajectory: each step's loss items, averaged over the ranks as DDP averages gradients,
-    # equal one process's on the same global batch
-    steps = [s for s in one["steps"] if s["epoch"][0] == 0]
-    assert len(steps) == len(two[0]["steps"]) == 3
-    for k, ref in enumerate(steps):
-        for item, value in ref["loss"].items():
-            ddp = sum(r["steps"][k]["loss"][item] for r in two) / 2
-            assert abs(ddp - value) <= LOSS_RTOL * abs(value) + LOSS_ATOL, (k, item, ddp, value)
-    assert all(steps[0]["loss"][k] > 0 for k in ("kd_cls", "kd_box", "kd_feat"))
-    # and the parameters moved alike: the update of the two ranks equals one process's
-    for part in ("student", "adapters"):
-        start = _flat(one["start"][part])
-        mine, theirs = _flat(two[0]["end"][part]) - start, _flat(one["epochs"][0][part]) - start
-        assert theirs.norm() > 0
-        assert (mine - theirs).norm() <= UPDATE_RTOL * theirs.norm(), (part, float((mine - theirs).norm() / theirs.norm()))
+
+@pytest.mark.slow
+def test_two_ranks_train_a_yolo26_student_as_one_process(ddp_setup):
+    """An end-to-end student with reg_max 1 (YOLO26), taught by a yolov8n cache through the distances config:
+    its two branches, its distance box term and its adapters train on two ranks as in one process."""
+    tmp, spec, configs, students = ddp_setup
+    args = {**spec["args"], "model": str(students["yolo26n"]), "epochs": 1, "close_mosaic": 0}
+    spec = {**spec, "distill": str(configs["even26"])}
+    one = _launch(tmp, "one26", 0, {**spec, "args": {**args, "name": "one26"}, "stop_after": 0})[0]
+    two = _launch(tmp, "two26", 2, {**spec, "args": {**args, "name": "two26"}, "stop_after": 0})
+    assert all(r["branches"] == ["one2many", "one2one"] and r["criterion"] == "E2ELoss" for r in [one, *two])
+    _assert_two_ranks_equal_one_process(one, two)
+    # the one2one head is taught (branch "both") and moved alike on both ranks
+    o2o = [k for k in one["start"]["student"] if ".one2one_cv" in k]
+    assert o2o
+    moved = {k: two[0]["end"]["student"][k] - one["start"]["student"][k] for k in o2o}
+    assert _flat(moved).norm() > 0
 
 
 @pytest.mark.slow
 def test_ranks_that_leave_different_adapters_without_gradient_stay_in_step(ddp_setup):
-    """Every rank joins the one all-reduce whichever adapters its batch used, so nothing hangs and the replicas agree."""
-    tmp, spec, configs = ddp_setup
+    """DDP reduces every adapter gradient some rank computed, onto every rank, whichever adapters each rank's
+    batch used: nothing hangs, the replicas agree, and only an adapter no rank used is left without a gradient."""
+    tmp, spec, configs, _ = ddp_setup
     spec = {**spec, "distill": str(configs["uneven"])}
     two = _launch(tmp, "uneven", 2, {**spec, "args": {**spec["args"], "name": "uneven", "epochs": 1, "close_mosaic": 0}, "stop_after": 0})
-    assert all(s["no_grad"] for r in two for s in r["steps"])
-    # on some step the ranks left different adapters without a gradient: a rank that all-reduced
-    # only the gradients it had would issue other collectives than its peer there
-    assert any(a["no_grad"] != b["no_grad"] for a, b in zip(two[0]["steps"], two[1]["steps"]))
+    assert [r["ddp"] for r in two] == [True, True]
+    steps = list(zip(two[0]["steps"], two[1]["steps"]))
+    assert len(steps) == 3
+    # two images with one position each reach at most two of the three levels: every rank's backward
+    # leaves some adapter without a gradient on every step
+    assert all(s["local_no_grad"] for r in two for s in r["steps"])
+    # on some step the ranks left different adapters without a gradient: a reduction that only
+    # covered the gradients a rank had would issue other collectives than its peer there
+    assert any(a["local_no_grad"] != b["local_no_grad"] for a, b in steps)
+    # after the reduction both ranks hold a gradient for every adapter parameter either rank used;
+    # only one that neither used keeps none
+    for a, b in steps:
+        assert a["no_grad"] == b["no_grad"] == sorted(set(a["local_no_grad"]) & set(b["local_no_grad"]))
     _assert_same_on_ranks(two, "start")
     _assert_same_on_ranks(two, "end")
     moved = _flat(two[0]["end"]["adapters"]) - _flat(two[0]["start"]["adapters"])
@@ -254,41 +318,61 @@ def test_sampler_pass_started_ahead_keeps_its_epoch():
         EpochSampler(6, seed=0, rank=2, world=2)
 
 
-# the adapters' learning rate --------------------------------------------------------------------
+# the adapters in Ultralytics' optimizer -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def optimizer_trainer(ddp_setup):
+@pytest.fixture(scope="module", params=[("SGD", 0.01), ("AdamW", 0.001), ("MuSGD", 0.01)], ids=["SGD", "AdamW", "MuSGD"])
+def set_up_trainer(request, ddp_setup):
+    """A single-process trainer after Ultralytics' own setup: the student wrapped with its terms, the optimizer
+    built over the wrapper as a run builds it. A weight decay other than the default, and a nominal batch
+    twice the batch, so that the run's decay (scaled by batch * accumulate / nbs) is its own."""
     from softlabel.train import make_trainer
 
-    tmp, spec, _ = ddp_setup
-    args = {k: v for k, v in spec["args"].items() if k not in ("optimizer", "lr0")}
-    trainer = make_trainer(cache=spec["cache"])(overrides={**args, "name": "optim"})
-    trainer._open_sources()
+    tmp, spec, _, _ = ddp_setup
+    name, lr0 = request.param
+    args = {**spec["args"], "optimizer": name, "lr0": lr0, "weight_decay": 0.003, "nbs": 8, "name": f"optim-{name}"}
+    trainer = make_trainer(cache=spec["cache"])(overrides=args)
+    trainer._setup_train()
     return trainer
 
 
-@pytest.mark.parametrize("name, iterations, lr", [("SGD", 100, 0.01), ("AdamW", 100, 0.001), ("MuSGD", 100, 0.01), ("auto", 20_000, None)])
-def test_adapter_groups_take_the_base_learning_rate(optimizer_trainer, name, iterations, lr):
-    from ultralytics.nn.tasks import DetectionModel
+def test_adapters_are_in_ultralytics_own_param_groups(set_up_trainer):
+    """The optimizer covers the projector through Ultralytics' grouping of the whole wrapped model: every
+    trainable projector parameter in exactly one group, its weights in the group of the student's
+    convolution weights (the run's weight decay), its biases in that of the student's biases (no decay),
+    at the base learning rate, and no group of ours beside Ultralytics' own."""
+    from softlabel.distill.model import DistillModel
 
-    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
-    trainer = optimizer_trainer
-    optimizer = trainer.build_optimizer(model, name=name, lr=lr or 0.5, momentum=0.9, decay=5e-4, iterations=iterations)
-    base = lr if lr is not None else trainer.args.lr0  # "auto" picks MuSGD and its lr0 for this many iterations
-    if name in ("MuSGD", "auto"):
-        assert type(optimizer).__name__ == "MuSGD"
-        assert any(g["lr"] == pytest.approx(3 * base) for g in optimizer.param_groups)  # the head's boosted groups
-    mine = {id(p): n for n, p in trainer.distiller.named_parameters()}
-    assert mine
-    found = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in mine:
-                found.add(id(p))
-                assert group["lr"] == pytest.approx(base), (name, mine[id(p)], group["lr"])
-                assert group["weight_decay"] == (0.0 if mine[id(p)].endswith("bias") else pytest.approx(5e-4))
-    assert found == set(mine)
+    trainer = set_up_trainer
+    optimizer, model = trainer.optimizer, unwrap_model(trainer.model)
+    assert isinstance(model, DistillModel) and trainer.distiller is model.projector
+    name, lr0 = trainer.args.optimizer, trainer.args.lr0
+    decay = trainer.args.weight_decay * trainer.batch_size * trainer.accumulate / trainer.args.nbs
+    assert decay == pytest.approx(0.003) and trainer.accumulate == 2
+    assert type(optimizer).__name__ == name
+    groups = optimizer.param_groups
+    # Ultralytics' weight, bn and bias groups (MuSGD: muon, weight, bn, bias, each split off at 3x lr for the head)
+    kinds = ["weight", "bn", "bias"] + (["muon"] if name == "MuSGD" else [])
+    assert sorted(g["param_group"] for g in groups) == sorted(kinds * (2 if name == "MuSGD" else 1))
+
+    where: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        for p in g["params"]:
+            where.setdefault(id(p), []).append(i)
+    # every trainable parameter of the wrapper, the projector's among them, is in exactly one group
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n: len(where.get(id(p), [])) for n, p in trainable.items()} == dict.fromkeys(trainable, 1)
+    assert set(where) == {id(p) for p in model.parameters()}  # and nothing else (Ultralytics groups its frozen DFL too)
+
+    mine = dict(trainer.distiller.named_parameters())
+    assert any(n.startswith("terms.feat.adapters.") for n in mine) and all(p.requires_grad for p in mine.values())
+    student = dict(model.student_model.named_parameters())
+    weights, biases = where[id(student["model.22.cv2.0.2.weight"])], where[id(student["model.22.cv2.0.2.bias"])]
+    assert {n: where[id(p)] for n, p in mine.items()} == {n: biases if n.endswith(".bias") else weights for n in mine}
+    w, b = groups[weights[0]], groups[biases[0]]
+    assert w["param_group"] == ("muon" if name == "MuSGD" else "weight") and w["weight_decay"] == pytest.approx(decay)
+    assert b["param_group"] == "bias" and b["weight_decay"] == 0.0
+    assert w["lr"] == b["lr"] == pytest.approx(lr0)  # not MuSGD's 3x groups of the head's class branch
 
 
 def test_an_epoch_run_again_is_replayed_from_its_start():

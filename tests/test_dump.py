@@ -274,10 +274,11 @@ def test_what_ultralytics_skips_is_skipped_recorded_or_refused_with_strict(tmp_p
     from softlabel.train import check_cache_matches
 
     spec = load_data_yaml(data)
-    check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
+    desc = CacheReader(str(tmp_path / "c.zarr")).description
+    check_cache_matches(desc, spec, build_index(spec, warn=None), 64, "c.zarr")
     label_of(bad_coord).write_text("0 0.5 0.5 0.2 0.2\n")  # fixed after the dump: the data is no longer the cache's
     with pytest.raises(UserError, match="skipped"):
-        check_cache_matches(attrs, spec, build_index(spec, warn=None), 64, "c.zarr")
+        check_cache_matches(desc, spec, build_index(spec, warn=None), 64, "c.zarr")
 
     empty = tmp_path / "empty"
     (empty / "images" / "train").mkdir(parents=True)

@@ -160,11 +160,14 @@ def test_to_host_rebuilds_the_padded_arrays_from_the_kept_slots():
     ids=["cwd", "mgd", "positions-all", "positions-over-k"],
 )
 def test_configs_a_sparse_store_cannot_serve_are_refused(sparse_store, feat, needle):
+    from softlabel.cache.description import CacheDescription
+
     attrs = CacheReader(str(sparse_store)).attrs
+    desc = CacheDescription.from_attrs(attrs)
     with pytest.raises(UserError, match=needle):
-        check_config_fits_cache(parse_distill({"feat": feat}, "f.yaml"), attrs, str(sparse_store))
-    check_config_fits_cache(parse_distill({"feat": {"loss": "mimic", "weight": 1.0, "positions": 64}}, "f.yaml"), attrs, "s")
-    dense = {**attrs, "storage": {**attrs["storage"], "feature_layout": "dense"}}
+        check_config_fits_cache(parse_distill({"feat": feat}, "f.yaml"), desc, str(sparse_store))
+    check_config_fits_cache(parse_distill({"feat": {"loss": "mimic", "weight": 1.0, "positions": 64}}, "f.yaml"), desc, "s")
+    dense = CacheDescription.from_attrs({**attrs, "storage": {**attrs["storage"], "feature_layout": "dense"}})
     check_config_fits_cache(parse_distill({"feat": feat}, "f.yaml"), dense, "d")  # whole maps serve every config
 
 

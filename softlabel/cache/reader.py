@@ -8,6 +8,7 @@ import numpy as np
 
 from softlabel.cache import store
 from softlabel.cache.fastread import ShardedSampleReader, open_fast
+from softlabel.cache.description import CacheDescription
 from softlabel.cache.digest import record_digest
 from softlabel.cache.encoding import TeacherSample, decode_sample
 from softlabel.cache.schema import Layout, digest_path, fingerprint_path
@@ -22,7 +23,8 @@ class CacheReader:
     def __init__(self, location: str):
         self.location = str(location)
         self.attrs: dict[str, Any] = store.read_attrs(self.location)
-        self.layout = Layout.from_attrs(self.attrs)
+        self.description = CacheDescription.from_attrs(self.attrs, self.location)
+        self.layout = Layout.from_description(self.description)
         self._group = None
         self._arrays: dict[str, Any] = {}
         self._fast_readers: dict[str, ShardedSampleReader | None] = {}
@@ -43,7 +45,7 @@ class CacheReader:
 
     @property
     def levels(self) -> list[str]:
-        return list(self.attrs["teacher"]["levels"])
+        return list(self.description.teacher.levels)
 
     @property
     def feature_levels(self) -> list[str]:

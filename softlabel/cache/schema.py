@@ -138,24 +138,29 @@ class Layout:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "Layout":
-        t, a, s = attrs["teacher"], attrs["augment"], attrs["storage"]
-        imgsz = a["imgsz"]
-        sizes = {lvl: (imgsz // st, imgsz // st) for lvl, st in zip(t["levels"], t["strides"])}
-        channels = dict(zip(t["levels"], t["feature_channels"]))
-        head = {lvl: (4 * t["reg_max"] + t["nc"], *sizes[lvl]) for lvl in t["levels"]}
-        feat = {lvl: (channels[lvl], *sizes[lvl]) for lvl in s["levels"]} if s["features"] else {}
-        views = [f"v{k}" for k in range(a["views"])] + [f"c{m}" for m in range(a["close_views"])]
+        from softlabel.cache.description import CacheDescription
+
+        return cls.from_description(CacheDescription.from_attrs(attrs))
+
+    @classmethod
+    def from_description(cls, desc) -> "Layout":
+        t, a, s = desc.teacher, desc.augment, desc.storage
+        sizes = {lvl: (a.imgsz // st, a.imgsz // st) for lvl, st in zip(t.levels, t.strides)}
+        head = {lvl: (4 * t.reg_max + t.nc, *sizes[lvl]) for lvl in t.levels}
+        feat = {lvl: (t.channels(lvl), *sizes[lvl]) for lvl in s.levels} if s.features else {}
+        views = [f"v{k}" for k in range(a.views)] + [f"c{m}" for m in range(a.close_views)]
+        sparse = s.head_sparse
         return cls(
-            count=attrs["data"]["count"],
-            shard_size=s["shard_size"],
+            count=desc.data.count,
+            shard_size=s.shard_size,
             head=head,
             feat=feat,
             views=views,
-            reg_max=int(t["reg_max"]),
-            nc=int(t["nc"]),
-            precision=s.get("precision", "float16"),
-            sparse=s.get("head_sparse"),
-            feature_layout=s.get("feature_layout") or "dense",
+            reg_max=t.reg_max,
+            nc=t.nc,
+            precision=s.precision,
+            sparse={"topk": sparse.topk, "floor": sparse.floor, "feature_rows": sparse.feature_rows} if sparse else None,
+            feature_layout=s.feature_layout or "dense",
         )
 
 

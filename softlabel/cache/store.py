@@ -211,8 +211,10 @@ def _fill(group: zarr.Group, attrs: dict[str, Any], layout: Layout, sample_paths
 
 
 def ensure_arrays(group: zarr.Group, attrs: dict[str, Any], layout: Layout) -> None:
-    storage = attrs["storage"]
-    chains = {group_name: compressors(spec) for group_name, spec in storage["codec"].items()}
+    from softlabel.cache.description import CacheDescription
+
+    codec = CacheDescription.from_attrs(attrs).storage.codec
+    chains = {group_name: compressors(spec) for group_name, spec in codec.items()}
     chains["raw"] = [Crc32cCodec()]
     s, n = layout.shard_size, layout.count
     if "samples/path" not in group:

@@ -3,7 +3,6 @@ student whose head can learn from the teacher's."""
 
 from __future__ import annotations
 
-from typing import Any
 
 from softlabel.checks import check_class_names
 from softlabel.errors import UserError
@@ -16,32 +15,30 @@ def check_epoch(batch: dict, epoch: int) -> None:
         raise RuntimeError(f"batch replayed for epoch(s) {got} arrived in epoch {epoch}: a DataLoader worker holds a stale epoch")
 
 
-def check_cache_matches(attrs: dict, spec, index, imgsz: int, where: str) -> None:
-    """Contract 4: refuse a cache that belongs to other data, classes or image size, saying what differs."""
-    t, d = attrs["teacher"], attrs["data"]
-    check_class_names(t["names"], list(spec.names), where, spec.yaml_path)
-    if d["count"] != len(index) or d["images_hash"] != index.list_hash():
-        if "skipped" in d and sorted(d["skipped"]) != sorted(index.skipped_names()):
+def check_cache_matches(desc, spec, index, imgsz: int, where: str) -> None:
+    """Contract 4: refuse a cache (its CacheDescription) that belongs to other data, classes or image size, saying what differs."""
+    d = desc.data
+    check_class_names(list(desc.teacher.names), list(spec.names), where, spec.yaml_path)
+    if d.count != len(index) or d.images_hash != index.list_hash():
+        if d.skipped is not None and sorted(d.skipped) != sorted(index.skipped_names()):
             raise UserError(
-                f"{where}: the dump skipped {sorted(d['skipped']) or 'no images'} but {spec.yaml_path} now skips "
+                f"{where}: the dump skipped {sorted(d.skipped) or 'no images'} but {spec.yaml_path} now skips "
                 f"{sorted(index.skipped_names()) or 'no images'} (Ultralytics' image and label checks)"
             )
         raise UserError(
-            f"{where}: the cache was dumped from other data ({d['count']} images, list hash {d['images_hash'][:12]}) "
+            f"{where}: the cache was dumped from other data ({d.count} images, list hash {d.images_hash[:12]}) "
             f"than {spec.yaml_path} ({len(index)} images, list hash {index.list_hash()[:12]})"
         )
-    if int(attrs["augment"]["imgsz"]) != imgsz:
-        raise UserError(f"{where}: the cache was dumped at imgsz {attrs['augment']['imgsz']} but training asks for imgsz {imgsz}")
+    if desc.augment.imgsz != imgsz:
+        raise UserError(f"{where}: the cache was dumped at imgsz {desc.augment.imgsz} but training asks for imgsz {imgsz}")
 
 
-def check_config_fits_cache(config, attrs: dict, where: str) -> None:
-    """Refuse a distillation config that reads what the store does not hold: whole feature maps from a
-    store of feature rows, or more positions than the feature rows the store keeps per image."""
-    storage = attrs["storage"]
-    if not storage.get("features") or storage.get("feature_layout") != "sparse":
+def check_config_fits_cache(config, desc, where: str) -> None:
+    """Refuse a distillation config that reads what the store (its CacheDescription) does not hold: whole
+    feature maps from a store of feature rows, or more positions than the feature rows it keeps per image."""
+    if not desc.storage.feature_rows:
         return
-    sparse = storage["head_sparse"]
-    f = int(sparse.get("feature_rows") or sparse["topk"])
+    f = desc.storage.head_sparse.rows
     for name, term in config.of("feat").items():
         if term.positions is None:
             raise UserError(
@@ -57,13 +54,13 @@ def check_config_fits_cache(config, attrs: dict, where: str) -> None:
             )
 
 
-def check_student_fits(student: str, model, teacher: dict[str, Any], where: str) -> None:
+def check_student_fits(student: str, model, teacher, where: str) -> None:
     """The head a student is built with against its teacher's, before any student trains: a detection head
     softlabel trains, predicting at the teacher's strides (levels). Box forms may differ (DFL bins or
     distances: the box terms say how they meet); the class count is set from the data by Ultralytics."""
     from softlabel.heads import head_spec
 
     spec = head_spec(model, student)
-    if list(spec.strides) != [int(s) for s in teacher["strides"]]:
+    if list(spec.strides) != [int(s) for s in teacher.strides]:
         raise UserError(f"{student}: the student predicts at strides {list(spec.strides)} but the teacher of {where} at "
-                        f"{list(teacher['strides'])}; a student with the teacher's levels is needed")
+                        f"{list(teacher.strides)}; a student with the teacher's levels is needed")

@@ -63,16 +63,16 @@ def train_students(students: list[str], trainer_settings: dict[str, Any], **trai
     return results
 
 
-def teacher_head(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(the cache or teacher path, the teacher's description as a cache records it)."""
+def teacher_head(settings: dict[str, Any]):
+    """(the cache or teacher path, the teacher's description: a cache's TeacherRecord or a live TeacherInfo)."""
     if settings.get("cache"):
         from softlabel.cache.reader import CacheReader
 
-        return settings["cache"], CacheReader(settings["cache"]).attrs["teacher"]
+        return settings["cache"], CacheReader(settings["cache"]).description.teacher
     from softlabel.teacher import describe, read_checkpoint
 
     path = settings["teacher_path"]
-    return path, describe(read_checkpoint(path, "teacher")[0], path).to_dict()
+    return path, describe(read_checkpoint(path, "teacher")[0], path)
 
 
 def render_table(rows: list[StudentResult]) -> str:

@@ -18,7 +18,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from softlabel.augment import AugmentConfig, load_augment
+from softlabel.augment import load_augment
 from softlabel.cache.lock import ReadLock
 from softlabel.cache.reader import CacheReader
 from softlabel.data import build_index, load_data_yaml
@@ -80,16 +80,14 @@ class DistillTrainer(DetectionTrainer):
         imgsz = int(self.args.imgsz)
         if self.cache:
             reader = CacheReader(self.cache)
-            attrs = reader.attrs
-            check_cache_matches(attrs, spec, index, imgsz, self.cache)
+            desc = reader.description
+            check_cache_matches(desc, spec, index, imgsz, self.cache)
             reader.require_complete()
-            augment = AugmentConfig.from_attrs(attrs["augment"])
-            self.replay = Replay(index, augment, imgsz, int(attrs["augment"]["seed"]))
-            self.teacher_levels = list(attrs["storage"]["levels"])
-            channels = dict(zip(attrs["teacher"]["levels"], attrs["teacher"]["feature_channels"]))
-            self.teacher_channels = [channels[lvl] for lvl in self.teacher_levels]
-            self.teacher_head = attrs["teacher"]
-            views, close_views = int(attrs["augment"]["views"]), int(attrs["augment"]["close_views"])
+            self.replay = Replay(index, desc.augment.config, imgsz, desc.augment.seed)
+            self.teacher_levels = list(desc.storage.levels)
+            self.teacher_channels = [desc.teacher.channels(lvl) for lvl in self.teacher_levels]
+            self.teacher_head = desc.teacher
+            views, close_views = desc.augment.views, desc.augment.close_views
             self.reader = reader
         else:
             teacher = Teacher.load(self.teacher_path, device=self.device, amp=self._teacher_half())
@@ -99,7 +97,7 @@ class DistillTrainer(DetectionTrainer):
             self.replay = Replay(index, load_augment(self.augment_config), imgsz, self.replay_seed)
             self.teacher_levels = list(teacher.info.levels)
             self.teacher_channels = list(teacher.info.feature_channels)
-            self.teacher_head = teacher.info.to_dict()
+            self.teacher_head = teacher.info
             views, close_views = self.views, self.close_views
         if self.args.close_mosaic and close_views < 1:
             raise UserError(
@@ -123,8 +121,8 @@ class DistillTrainer(DetectionTrainer):
         # as built for this data: the same head checks as before training starts (runner), and the classes
         model = unwrap_model(self.model)
         nc, t, where = head_spec(model).nc, self.teacher_head, self.cache or self.teacher_path
-        if nc != t["nc"]:
-            raise UserError(f"{where}: the student has classes {nc} but the teacher has classes {t['nc']}")
+        if nc != t.nc:
+            raise UserError(f"{where}: the student has classes {nc} but the teacher has classes {t.nc}")
         check_student_fits(str(self.args.model), model, t, where)
 
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
@@ -179,16 +177,16 @@ class DistillTrainer(DetectionTrainer):
         self._open_sources()
         self._check_student()
         student = head_spec(self.model)
-        config = load_distill(self.distill_config, student.reg_max, int(self.teacher_head["reg_max"]))
+        config = load_distill(self.distill_config, student.reg_max, self.teacher_head.reg_max)
         if self.reader is not None:
-            check_config_fits_cache(config, self.reader.attrs, self.cache)
+            check_config_fits_cache(config, self.reader.description, self.cache)
         # Built from the training seed alone: Ultralytics seeds every rank differently (seed + 1 + RANK), and a
         # single-process run and each DDP rank must start from the same adapters (DDP also broadcasts rank 0's).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.args.seed))
             projector = Distiller(
                 config, student.reg_max, list(student.levels), list(student.channels), self.teacher_levels,
-                self.teacher_channels, teacher_reg_max=int(self.teacher_head["reg_max"]),
+                self.teacher_channels, teacher_reg_max=self.teacher_head.reg_max,
                 student_strides=list(student.strides), student_branches=student.branches, nc=student.nc,
             )
         resumed = getattr(self, "_resumed_projector", None)
