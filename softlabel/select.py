@@ -91,46 +91,10 @@ def quantise(x: Tensor, precision: str, reduce: tuple[int, ...]) -> tuple[Tensor
 
 
 def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Tensor]:
-    """One batch of teacher outputs (per head level [B, C, H, W]) -> the stored arrays, keyed as
-    Layout.stored names without the view ('head/index', 'feat/rows', ...), each [B, ...], on the
-    teacher's device."""
-    p = layout.precision
-    out: dict[str, Tensor] = {}
-    levels = list(layout.head)
-    if layout.sparse:
-        flat = torch.cat([h.flatten(2) for h in head], 2)
-        index, values, background = select_topk(flat, layout.reg_max, layout.sparse["topk"], layout.sparse["floor"])
-        out["head/index"], out["head/background"] = index, background.to(torch.float16)
-        out["head/values"], scale = quantise(values, p, reduce=(1,))
-        if scale is not None:
-            out["head/scale"] = scale[:, 0]
-    else:
-        for lvl, h in zip(levels, head):
-            out[f"head/{lvl}"], scale = quantise(h, p, reduce=(2, 3))
-            if scale is not None:
-                out[f"head_scale/{lvl}"] = scale[:, :, 0, 0]
-    if layout.feat and layout.feature_rows:
-        stored = [f if lvl in layout.feat else None for lvl, f in zip(levels, feat)]
-        sizes = [h * w for _, h, w in layout.head.values()]
-        # kept anchors are a prefix of the slots, best first: the first F slots are the most confident ones
-        rows, level = gather_rows(stored, sizes, out["head/index"][:, : layout.row_count], layout.row_width)
-        if p == "int8":
-            scales, q = [], torch.zeros(rows.shape, dtype=torch.int8, device=rows.device)
-            for lvl in layout.feat:
-                inside = (level == levels.index(lvl))[:, :, None]
-                part, scale = quantise(torch.where(inside, rows, rows.new_zeros(())), p, reduce=(1,))
-                q = torch.where(inside, part, q)
-                scales.append(scale[:, 0])
-            out["feat/rows"], out["feat/scale"] = q, torch.stack(scales, 1)
-        else:
-            out["feat/rows"] = quantise(rows, p, reduce=(1,))[0]
-    else:
-        for lvl, f in zip(levels, feat):
-            if lvl in layout.feat:
-                out[f"feat/{lvl}"], scale = quantise(f, p, reduce=(2, 3))
-                if scale is not None:
-                    out[f"feat_scale/{lvl}"] = scale[:, :, 0, 0]
-    return out
+    """One batch of teacher outputs -> the stored arrays, on the teacher's device (softlabel.teacherformat owns the format)."""
+    from softlabel.teacherformat import HeadFormat
+
+    return HeadFormat.of(layout).encode(head, feat)
 
 
 # arrays with a slot axis (dim 1) of a sparse store: only their kept slots need to cross to the host

@@ -105,24 +105,8 @@ class TeacherSample:
 
 
 def decode_sample(stored: dict[str, np.ndarray], layout, fingerprint: bytes) -> TeacherSample:
-    """One sample's stored arrays (Layout.stored names without the view and sample axis) -> a TeacherSample."""
-    p = layout.precision
-    out = TeacherSample(fingerprint=fingerprint)
+    """One sample's stored arrays (Layout.stored names without the view and sample axis) -> a TeacherSample
+    (softlabel.teacherformat owns the format)."""
+    from softlabel.teacherformat import HeadFormat
 
-    def values(name: str) -> np.ndarray:  # int8 stays int8 (its scale travels beside it); bfloat16 bits become float32
-        return dequantise(stored[name], p, None, 0) if p == "bfloat16" else stored[name]
-
-    if layout.sparse:
-        out.index, out.background = stored["head/index"], stored["head/background"]
-        out.values, out.values_scale = values("head/values"), stored.get("head/scale")
-    else:
-        out.head = np.concatenate(
-            [dequantise(stored[f"head/{lvl}"], p, stored.get(f"head_scale/{lvl}"), 0).reshape(shape[0], -1)
-             for lvl, shape in layout.head.items()], 1)
-    if layout.feature_rows:
-        out.rows, out.rows_scale, out.row_levels = values("feat/rows"), stored.get("feat/scale"), tuple(layout.feat)
-    elif layout.feat:
-        out.feat = {lvl: values(f"feat/{lvl}") for lvl in layout.feat}
-        if p == "int8":
-            out.feat_scale = {lvl: stored[f"feat_scale/{lvl}"] for lvl in layout.feat}
-    return out
+    return HeadFormat.of(layout).decode(stored, fingerprint)

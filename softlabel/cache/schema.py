@@ -97,33 +97,10 @@ class Layout:
         return shard * self.shard_size, min((shard + 1) * self.shard_size, self.count)
 
     def stored(self, view: str) -> dict[str, ArraySpec]:
-        """Every per-sample array of a view as it is on disk."""
-        from softlabel.cache.encoding import stored_dtype
+        """Every per-sample array of a view as it is on disk, as the teacher-output format declares it."""
+        from softlabel.teacherformat import HeadFormat
 
-        dt, int8 = stored_dtype(self.precision), self.precision == "int8"
-        out: dict[str, ArraySpec] = {}
-        if self.sparse:
-            k, c = self.sparse["topk"], 4 * self.reg_max + self.nc
-            out[f"{view}/head/index"] = ArraySpec((k,), "int32", "head")
-            out[f"{view}/head/values"] = ArraySpec((k, c), dt, "head")
-            out[f"{view}/head/background"] = ArraySpec((self.nc,), "float16", "head")
-            if int8:
-                out[f"{view}/head/scale"] = ArraySpec((c,), "float32", "raw")
-        else:
-            for lvl, shape in self.head.items():
-                out[head_path(view, lvl)] = ArraySpec(shape, dt, "head")
-                if int8:
-                    out[f"{view}/head_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
-        if self.feature_rows:
-            out[f"{view}/feat/rows"] = ArraySpec((self.row_count, self.row_width), dt, "feat")
-            if int8:
-                out[f"{view}/feat/scale"] = ArraySpec((len(self.feat), self.row_width), "float32", "raw")
-            return out
-        for lvl, shape in self.feat.items():
-            out[feat_path(view, lvl)] = ArraySpec(shape, dt, "feat")
-            if int8:
-                out[f"{view}/feat_scale/{lvl}"] = ArraySpec(shape[:1], "float32", "raw")
-        return out
+        return HeadFormat.of(self).arrays(view)
 
     def per_sample(self, view: str) -> dict[str, ArraySpec]:
         """Every array of a view with one entry per sample: the stored tensors, the fingerprint and the digest."""

@@ -86,6 +86,10 @@ def parse_distill(raw: dict[str, Any], source: str) -> DistillConfig:
             continue
         if not isinstance(name, str) or not _NAME.match(name):
             raise UserError(f"{source}: term name {name!r}: use lowercase letters, digits and '_', starting with a letter")
+        if name.startswith("dfl") or "bias" in name:
+            # a term's parameters are named after it, and Ultralytics freezes '.dfl' and skips weight decay on 'bias' by name
+            raise UserError(f"{source}: term name {name!r}: names starting with 'dfl' or holding 'bias' are reserved "
+                            "(Ultralytics treats such parameters specially); choose another name")
         if not isinstance(spec, dict) or "loss" not in spec:
             raise UserError(f"{source}: '{name}' must be a mapping with 'loss' (a registered loss, or none) and 'weight'")
         if spec["loss"] in (None, "none"):  # a term switched off

@@ -14,6 +14,7 @@ from softlabel.cache.reader import CacheReader
 from softlabel.distill.teacherbatch import TeacherBatch
 from softlabel.errors import UserError
 from softlabel.replay import Replay
+from softlabel.teacherformat import HeadFormat
 from softlabel.train.plan import ViewPlan
 
 
@@ -77,44 +78,6 @@ class DistillDataset(Dataset):
         return out
 
 
-def _stack(arrays: list[np.ndarray | None]) -> torch.Tensor | None:
-    return None if arrays[0] is None else torch.from_numpy(np.stack(arrays))
-
-
-def kept_count(index: np.ndarray) -> int:
-    """Slots a sparse sample keeps: kept anchors are a prefix of the slots, unused ones are -1."""
-    unused = np.flatnonzero(index < 0)
-    return int(unused[0]) if len(unused) else len(index)
-
-
 def stack_teacher(samples: list[TeacherSample]) -> TeacherBatch:
-    """One batch's teacher arrays as stored: whole maps stacked for a dense store; for a sparse one
-    packed, the kept slots of each sample one after another (rows: of its first F slots) with their
-    counts, so that a batch carries the anchors its images kept and no padding."""
-    first = samples[0]
-    # whole feature maps (a dense store, or a sparse head with --features dense) are stacked as they are
-    maps = dict(
-        feats={lvl: _stack([s.feat[lvl] for s in samples]) for lvl in first.feat},
-        feat_scale={lvl: _stack([s.feat_scale[lvl] for s in samples]) for lvl in first.feat_scale} if first.feat_scale else None,
-    )
-    if not first.sparse:
-        return TeacherBatch(head=_stack([s.head for s in samples]), **maps)
-    counts = [kept_count(s.index) for s in samples]
-    row_slots = 0 if first.rows is None else len(first.rows)
-
-    def pack(arrays: list[np.ndarray], limit: int) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([a[: min(n, limit)] for a, n in zip(arrays, counts)]))
-
-    return TeacherBatch(
-        index=pack([s.index for s in samples], len(first.index)),
-        values=pack([s.values for s in samples], len(first.index)),
-        values_scale=_stack([s.values_scale for s in samples]),
-        background=_stack([s.background for s in samples]),
-        rows=pack([s.rows for s in samples], row_slots) if row_slots else None,
-        rows_scale=_stack([s.rows_scale for s in samples]),
-        row_levels=first.row_levels,
-        counts=torch.tensor(counts, dtype=torch.int32),
-        slots=max(1, *counts),
-        row_slots=row_slots,
-        **maps,
-    )
+    """One batch's teacher arrays as stored, packed for the DataLoader (softlabel.teacherformat owns the format)."""
+    return HeadFormat.pack(samples)

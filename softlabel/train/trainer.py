@@ -174,6 +174,11 @@ class DistillTrainer(DetectionTrainer):
         super().set_model_attributes()
         if isinstance(self.model, DistillModel):
             return
+        if self.args.compile:
+            # as for Ultralytics' own distillation: a compiled DDP model is a static graph, and the feature terms leave
+            # different adapters unused from step to step
+            LOGGER.warning("'compile' is not supported with distillation and is disabled")
+            self.args.compile = False
         self._open_sources()
         self._check_student()
         student = head_spec(self.model)
@@ -196,7 +201,10 @@ class DistillTrainer(DetectionTrainer):
 
     @property
     def distiller(self) -> Distiller:
-        return unwrap_model(self.model).projector
+        model = unwrap_model(self.model)
+        if not isinstance(model, DistillModel):
+            raise RuntimeError("the distillation terms exist once the trainer has set the model up (set_model_attributes)")
+        return model.projector
 
     def _setup_train(self):
         super()._setup_train()
