@@ -183,3 +183,23 @@ def test_nan_recovery_restores_the_adapters_with_the_student(teachers, dataset, 
                 batch=4, workers=0, device="cpu", plots=False, project=str(tmp_path), name="n", close_mosaic=1, amp=False)
     assert seen["saved"] and set(seen["after"]) == set(seen["saved"])
     assert all(torch.equal(seen["after"][k], seen["saved"][k]) for k in seen["saved"])
+
+
+def test_two_class_terms_at_once_each_its_own_column(teachers, dataset, tmp_path):
+    """N named terms: BCE and KL on the class logits side by side is a config, each term its own loss column."""
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text("cls:\n  loss: bce\n  weight: 1.0\ncls_kl:\n  loss: kl_cls\n  weight: 0.5\n  temperature: 2.0\n"
+                   "box:\n  loss: ld\n  temperature: 2.0\n")
+    r = run_cli("train", "--student", "yolov8n.yaml", "--cache", teachers["yolov8s"][1], "--data", dataset, "--epochs", 1,
+                "--close-mosaic", 0, "--batch", 4, "--device", "cpu", "--project", tmp_path, "--name", "r", "--distill", cfg)
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    with open(tmp_path / "r" / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert {"train/kd_cls", "train/kd_cls_kl", "train/kd_box"} <= set(row) and "train/kd_feat" not in row
+    assert float(row["train/kd_cls"]) > 0 and float(row["train/kd_cls_kl"]) > 0
+
+
+@pytest.mark.parametrize("name", ["dfl_extra", "cls_bias"])
+def test_term_names_ultralytics_reads_specially_are_refused(name):
+    with pytest.raises(UserError, match=f"term name '{name}'.*reserved"):
+        parse_distill({name: {"loss": "bce"}}, "t.yaml")
