@@ -5,7 +5,7 @@ The online trainer can call it too, so a live teacher feeds the distiller exactl
 would, minus the copy.
 
 - sparse head: each image's top-K anchors by the teacher's best class logit (the best sigmoid),
-  of those the ones whose score passes a floor; they keep their DFL bins and class logits. Every
+  of those the ones whose score passes a floor; they keep their box outputs and class logits. Every
   other anchor is background: one logit per class and image, the logit of the mean probability
   of the anchors it replaces. Unused slots have index -1 and zero values.
 - sparse features: the neck feature vector at each of the first F kept slots (the teacher's F

@@ -44,7 +44,7 @@ class TeacherInfo:
 
 @dataclass
 class TeacherOutput:
-    """Per level l: head [B, 4*reg_max + nc, H_l, W_l] (DFL bins then class logits) and feat [B, C_l, H_l, W_l]."""
+    """Per level l: head [B, 4*reg_max + nc, H_l, W_l] (box outputs: DFL bins or distances, then class logits) and feat [B, C_l, H_l, W_l]."""
 
     head: list[torch.Tensor]
     feat: list[torch.Tensor]

@@ -86,7 +86,7 @@ class TeacherSample:
         return self.index is not None
 
     def head_values(self) -> np.ndarray:
-        """The kept anchors' DFL bins and class logits [K, C] as float32."""
+        """The kept anchors' box outputs and class logits [K, C] as float32."""
         v = self.values.astype(np.float32)
         return v if self.values_scale is None else v * self.values_scale[None]
 

@@ -7,7 +7,7 @@ Layout (zarr v3), schema 5:
                                                       tensors and fingerprint to its view and sample
   sparse head (default, K = head_sparse.topk):
     {view}/head/index       [N, K] int32              kept anchors (P3..P5 row-major) best first, -1 for an unused slot
-    {view}/head/values      [N, K, 4*reg_max+nc]      their DFL bins and class logits
+    {view}/head/values      [N, K, 4*reg_max+nc]      their box outputs (DFL bins, or 4 distances) and class logits
     {view}/head/scale       [N, 4*reg_max+nc] float32 int8 only
     {view}/head/background  [N, nc] float16           the class logit of every other anchor
   dense head (--head-topk 0):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 @dataclass
 class TeacherBatch:
-    head: Tensor | None = None  # dense: [B, 4*reg_max + nc, A], DFL bins then class logits, anchors P3..P5 row-major
+    head: Tensor | None = None  # dense: [B, 4*reg_max + nc, A], box outputs then class logits, anchors P3..P5 row-major
     feats: dict[str, Tensor] = field(default_factory=dict)  # dense features: level -> [B, C, H, W]
     feat_scale: dict[str, Tensor] | None = None  # int8 dense features: level -> [B, C]; feats hold the int8 values
     # a sparse batch's slot width K is any width (collate cuts it to the batch's kept anchors); rows cover the first F <= K
@@ -88,7 +88,7 @@ class TeacherBatch:
         return out
 
     def head_values(self) -> Tensor:
-        """Sparse, laid out: the kept anchors' DFL bins and class logits [B, K, C] as float32 (zero in unused slots)."""
+        """Sparse, laid out: the kept anchors' box outputs and class logits [B, K, C] as float32 (zero in unused slots)."""
         v = self.values.float()
         return v if self.values_scale is None else v * self.values_scale.float()[:, None, :]
 
