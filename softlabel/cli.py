@@ -109,8 +109,9 @@ def main() -> None:
                    "a folder or file holding anything else is refused and left untouched.")
 @click.option("--strict", is_flag=True, help="Refuse images and labels Ultralytics would skip (corrupt, class id >= nc, ...) instead of skipping them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--teacher-branch", "branch", default=None, type=click.Choice(["one2many", "one2one"]),
-              help="End-to-end teachers (YOLO26, YOLOv10): the branch whose outputs are cached [default: one2many, the dense branch]; ignored for other heads.")
+@click.option("--teacher-branch", "branch", default=None, type=click.Choice(["one2many", "one2one", "mean"]),
+              help="End-to-end teachers (YOLO26, YOLOv10): the branch whose outputs are cached, or mean (one2many's boxes, the mean "
+                   "of both branches' class logits) [default: one2many, the dense branch]; ignored for other heads.")
 @click.option("--half/--no-half", default=default("half"), show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
 def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, branch, half):

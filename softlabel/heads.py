@@ -23,6 +23,9 @@ from torch import Tensor
 from softlabel.errors import UserError
 
 BRANCHES = ("one2many", "one2one")
+# what an end-to-end teacher's cache may keep: one branch, or "mean": one2many's boxes with the mean of the two
+# branches' class logits, the teacher score Ultralytics' own distillation weights its feature term by
+TEACHER_BRANCHES = (*BRANCHES, "mean")
 # the branch an end-to-end teacher's cache keeps unless told otherwise: the dense, many-positives branch that
 # Ultralytics trains on the backbone's own features, whose soft scores carry the most per anchor
 DEFAULT_BRANCH = "one2many"
@@ -103,12 +106,16 @@ def branch_output(preds, branch: str | None) -> dict[str, Tensor]:
     raw = preds[1] if isinstance(preds, (tuple, list)) else preds
     if "boxes" in raw:
         return raw
+    if branch == "mean":
+        many, one = raw["one2many"], raw["one2one"]
+        return {**many, "scores": (many["scores"] + one["scores"]) / 2}
     return raw[branch or DEFAULT_BRANCH]
 
 
 def check_branch(branch: str, where: str) -> str:
-    if branch not in BRANCHES:
-        raise UserError(f"{where}: unknown branch '{branch}'; valid: {', '.join(BRANCHES)}")
+    """A teacher branch to keep: one of TEACHER_BRANCHES."""
+    if branch not in TEACHER_BRANCHES:
+        raise UserError(f"{where}: unknown branch '{branch}'; valid: {', '.join(TEACHER_BRANCHES)}")
     return branch
 
 

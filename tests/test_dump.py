@@ -209,28 +209,39 @@ def test_teacher_missing_not_a_checkpoint_or_not_detection(tmp_path, dataset, ex
     assert _snapshot(existing_store) == before
 
 
-@pytest.mark.parametrize("branch", [None, "one2one"])
+@pytest.mark.parametrize("branch", [None, "one2one", "mean"])
 def test_end_to_end_teacher_keeps_the_branch_asked_for(tmp_path, dataset, branch):
     """A YOLO26 teacher (end-to-end, reg_max 1): the store records its branches and the one it keeps, whose class
-    logits it holds; 4 distances per anchor, not DFL bins."""
-    from softlabel.cache.reader import CacheReader
-    from softlabel.teacher import Teacher, save_checkpoint_from_yaml
+    logits it holds (verify compares them with the live teacher's); 4 distances per anchor, not DFL bins."""
+    from ultralytics.nn.tasks import DetectionModel
 
-    path = save_checkpoint_from_yaml("yolo26n.yaml", NAMES[:3], tmp_path / "e2e.pt")
+    from softlabel.cache.reader import CacheReader
+    from softlabel.teacher import Teacher
+
+    model = DetectionModel("yolo26n.yaml", nc=3, verbose=False)
+    model.names = dict(enumerate(NAMES[:3]))
+    with torch.no_grad():  # a fresh head's branches are copies of each other: make them differ
+        for seq in model.model[-1].one2one_cv3:
+            seq[-1].bias += 2.0
+    path = tmp_path / "e2e.pt"
+    torch.save({"model": model.half(), "ema": None, "train_args": {}}, path)
     extra = ["--teacher-branch", branch] if branch else []
     r = run_cli(*dump_args(path, dataset, tmp_path / "e.zarr", *extra))
     assert r.exit_code == 0, r.output
     r = run_cli("verify", tmp_path / "e.zarr", "--samples", 4)  # the stored branch against the live teacher's
     assert r.exit_code == 0, r.output
-    reader = CacheReader(str(tmp_path / "e.zarr"))
-    t = reader.attrs["teacher"]
-    assert (t["reg_max"], t["branches"], t["branch"]) == (1, ["one2many", "one2one"], branch or "one2many")
-    stored = reader.read("v0", 0).head  # [4 + nc, A], dense
-    assert stored.shape[0] == 4 + 3
+    t = CacheReader(str(tmp_path / "e.zarr")).description.teacher
+    assert (t.reg_max, t.branches, t.branch) == (1, ("one2many", "one2one"), branch or "one2many")
     live = Teacher.load(path, branch=branch)
-    raw = live.model(torch.zeros(1, 3, 64, 64))[1][branch or "one2many"]
-    assert raw["scores"].shape[1] == 3 and raw["boxes"].shape[1] == 4
-    with pytest.raises(Exception, match="unknown branch"):
+    x = torch.full((1, 3, 64, 64), 0.5)
+    raw = live.model(x)[1]
+    many, one = raw["one2many"]["scores"], raw["one2one"]["scores"]
+    assert (one - many).abs().min() > 1.0  # the branches differ, so the kept one can be told apart
+    want = {None: many, "one2one": one, "mean": (many + one) / 2}[branch]
+    got = live(x).head
+    assert all(h.shape[1] == 4 + 3 for h in got)  # 4 distances, then the class logits
+    assert torch.allclose(torch.cat([h[:, 4:].flatten(2) for h in got], 2), want, atol=1e-5)
+    with pytest.raises(UserError, match="unknown branch 'both'"):
         Teacher.load(path, branch="both")
 
 
