@@ -232,6 +232,7 @@ def test_end_to_end_teacher_keeps_the_branch_asked_for(tmp_path, dataset, branch
     assert r.exit_code == 0, r.output
     t = CacheReader(str(tmp_path / "e.zarr")).description.teacher
     assert (t.reg_max, t.branches, t.branch) == (1, ("one2many", "one2one"), branch or "one2many")
+    assert f"end-to-end, kept branch {branch or 'one2many'}" in run_cli("info", tmp_path / "e.zarr").stdout
     live = Teacher.load(path, branch=branch)
     x = torch.full((1, 3, 64, 64), 0.5)
     raw = live.model(x)[1]

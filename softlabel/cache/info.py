@@ -87,7 +87,8 @@ def render(summary: dict[str, Any]) -> str:
     t, d, a, s = summary["teacher"], summary["data"], summary["augment"], summary["storage"]
     lines = [
         f"cache      {summary['location']}  (schema {summary['schema_version']}, softlabel {summary['softlabel_version']}, created {summary['created']})",
-        f"teacher    {t['arch']}  nc={t['nc']}  strides={t['strides']}  reg_max={t['reg_max']}  sha256={t['sha256'][:12]}  {t['path']}",
+        f"teacher    {t['arch']}  nc={t['nc']}  strides={t['strides']}  reg_max={t['reg_max']}"
+        + (f"  end-to-end, kept branch {t['branch']}" if t.get("branch") else "") + f"  sha256={t['sha256'][:12]}  {t['path']}",
         f"           feature channels {dict(zip(t['levels'], t['feature_channels']))}",
         f"data       {d['count']} images from {d['yaml']} ({d['split']}), list hash {d['images_hash'][:12]}"
         + (f", {len(d['skipped'])} skipped as Ultralytics skips them" if d.get("skipped") else ""),
