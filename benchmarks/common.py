@@ -35,6 +35,7 @@ def machine(device: str = "cpu") -> dict:
         "ultralytics": ultralytics.__version__,
         "softlabel": softlabel.__version__,
         "device": str(device),
+        "device_name": device_name(device),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
     }
@@ -43,6 +44,18 @@ def machine(device: str = "cpu") -> dict:
     except OSError:
         pass
     return info
+
+
+def device_name(device: str = "cpu") -> str:
+    """What the benchmark ran on: the GPU's name (torch.cuda.get_device_name; the first of a list such as 0,1) for
+    a CUDA device, "cpu" for the CPU, else the device as given."""
+    d = str(device).strip().lower()
+    if d in ("", "cpu"):
+        return "cpu"
+    first = d.split(",")[0].replace("cuda:", "").replace("cuda", "") or "0"
+    if torch.cuda.is_available() and first.isdigit() and int(first) < torch.cuda.device_count():
+        return torch.cuda.get_device_name(int(first))
+    return d
 
 
 def header(device: str = "cpu") -> dict:
@@ -183,16 +196,17 @@ def typical_kept(imgsz: int = 640) -> int:
     return max(1, round(found["kept_anchors"]["mean"] / d["anchors"] * anchors(imgsz)))
 
 
-def make_kept_teacher(cfg: str, data_yaml: Path, path: Path, imgsz: int, kept: int | None) -> tuple[Path, dict | None]:
-    """make_teacher, calibrated (calibrate_teacher) to `kept` anchors on a typical image: None, or the cap and more,
-    to typical_kept(imgsz); 0: not calibrated."""
+def make_kept_teacher(cfg: str, data_yaml: Path, path: Path, imgsz: int, kept: int | None,
+                      device: str = "cpu") -> tuple[Path, dict | None]:
+    """make_teacher, calibrated (calibrate_teacher, on `device`) to `kept` anchors on a typical image: None, or the cap
+    and more, to typical_kept(imgsz); 0: not calibrated."""
     from softlabel.dump import DEFAULT_HEAD_TOPK
 
     make_teacher(cfg, data_yaml, path)
     if kept == 0:
         return path, None
     target = typical_kept(imgsz) if kept is None or kept >= DEFAULT_HEAD_TOPK else kept
-    return path, calibrate_teacher(path, data_yaml, imgsz, target)
+    return path, calibrate_teacher(path, data_yaml, imgsz, target, device=device)
 
 
 def kept_dump_options(kept: int | None) -> dict:
@@ -211,7 +225,7 @@ def kept_stats(store: str) -> dict:
 
 
 @torch.no_grad()
-def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images: int = 16) -> dict:
+def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images: int = 16, device: str = "cpu") -> dict:
     """Set a random-weight teacher's batch-norm statistics from the data, scale its class-logit convolutions to a
     spread of about one unit between anchors, then shift their biases by one constant, so that the first `images`
     training images (their first mosaic view) keep `kept` anchors above the dump's default floor on average;
@@ -219,13 +233,16 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
 
     A random head scores every anchor near its prior (about 1e-4), below the floor, so a default store of it keeps
     no anchor and costs less to write, read and distil than a trained teacher's; its vanishing features and constant
-    logits compress far better than a trained teacher's too. The rank of anchors within an image is kept."""
+    logits compress far better than a trained teacher's too. The rank of anchors within an image is kept.
+
+    The forward passes run on `device` (cpu, 0, ...: a large teacher at 640 px takes seconds on a GPU, about a minute
+    on 16 CPU cores); the checkpoint is written from the CPU."""
     import numpy as np
 
     from softlabel.augment import load_augment
     from softlabel.data import build_index, load_data_yaml
     from softlabel.replay import Replay, View
-    from softlabel.dump import DEFAULT_HEAD_FLOOR
+    from softlabel.dump import DEFAULT_HEAD_FLOOR, resolve_device
     from softlabel.select import logit
     from softlabel.teacher import Teacher
 
@@ -233,7 +250,8 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
     index = build_index(load_data_yaml(data_yaml), "train", check_images=False)
     replay = Replay(index, load_augment(None), imgsz, 0)
     x = np.stack([replay(i, View("v", 0)).image for i in range(min(images, len(index)))])
-    x = torch.from_numpy(x[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255
+    dev = resolve_device(str(device))
+    x = (torch.from_numpy(x[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255).to(dev)
 
     def best_logits(teacher: Teacher) -> torch.Tensor:  # [B, A]: each anchor's best class logit, sorted descending
         head = torch.cat([h.flatten(2) for h in teacher(x).head], 2)
@@ -249,21 +267,21 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batch
-    model.train()
+    model.to(dev).train()
     model(x)
-    model.eval()
+    model.eval().cpu()
     ckpt["model"] = model
     torch.save(ckpt, path)
     # widen the class logits to about one unit between anchors, so that a threshold cuts between anchors rather than
     # between whole levels (each level's prior bias differs)
-    teacher = Teacher.load(path)
+    teacher = Teacher.load(path, device=dev, amp=False)
     head = [h.float()[:, 4 * teacher.info.reg_max :] for h in teacher(x).head]
     spread = float(torch.stack([h.flatten(2).std(2).mean() for h in head]).mean())
     for conv in last:
         conv.weight *= 1.0 / max(spread, 1e-6)
     ckpt["model"] = model
     torch.save(ckpt, path)
-    scores = best_logits(Teacher.load(path))
+    scores = best_logits(Teacher.load(path, device=dev, amp=False))
     from softlabel.dump import DEFAULT_HEAD_TOPK
 
     def mean_kept(shift: float) -> float:
@@ -277,7 +295,7 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
     for conv in last:
         conv.bias += shift
     torch.save(ckpt, path)  # float32: rounding to float16 would move whole bands of near-equal logits across the floor
-    counts = (best_logits(Teacher.load(path)) >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float()
+    counts = (best_logits(Teacher.load(path, device=dev, amp=False)) >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float()
     return {"kept_target": kept, "weight_scale": 1.0 / max(spread, 1e-6), "bias_shift": shift, "images": len(x),
             "kept_mean": float(counts.mean()), "kept_min": float(counts.min()), "kept_max": float(counts.max())}
 

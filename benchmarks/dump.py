@@ -68,7 +68,7 @@ def prepare_inputs(args, tmp: Path) -> tuple[Path, Path]:
     else:
         data = common.make_data(tmp / "data", args.images, 1, args.imgsz, seed=args.seed, nc=args.nc)
     if not args.teacher:
-        return data, common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept)[0]
+        return data, common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept, args.device)[0]
     teacher = Path(args.teacher)
     if not args.data:
         # a real teacher predicts its own classes: the toy labels (ids 0-2) stay valid under its names

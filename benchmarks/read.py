@@ -223,7 +223,7 @@ def main() -> None:
             if args.teacher:
                 teacher = args.teacher
             else:
-                teacher, calibration = common.make_kept_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt", args.imgsz, args.kept)
+                teacher, calibration = common.make_kept_teacher(args.teacher_cfg, Path(data), tmp / "teacher.pt", args.imgsz, args.kept, args.device)
             store = str(tmp / "cache.zarr")
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
             run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,

@@ -110,7 +110,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="softlabel-speed-"))
     try:
         data = common.make_data(tmp / "data", args.images, args.val_images, args.imgsz, seed=args.seed, nc=args.nc)
-        teacher, calibration = common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept)
+        teacher, calibration = common.make_kept_teacher(args.teacher_cfg, data, tmp / "teacher.pt", args.imgsz, args.kept, args.device)
         store = tmp / "cache.zarr"
         ctx = {"data": data, "teacher": teacher, "store": store, "cuda": cuda}
 

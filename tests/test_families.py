@@ -91,6 +91,7 @@ def test_yolo26_cache_equals_its_live_teacher(teachers, dataset, student_cfg):
     reader = CacheReader(str(store))
     ds = DistillDataset(_replay_for(reader, dataset), ViewPlan(1, 0, 1, 1), reader)
     batch = DistillDataset.collate_fn([ds[(i, 0)] for i in range(6)])
+    torch.manual_seed(0)  # the student's weights: the same in any test order
     student = DetectionModel(student_cfg, nc=3, verbose=False).train()
     s = head_spec(student)
     t = Teacher.load(ckpt)
@@ -105,9 +106,11 @@ def test_yolo26_cache_equals_its_live_teacher(teachers, dataset, student_cfg):
     live = t(batch["img"].float() / 255)
     from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))))
     assert set(from_cache) == {"kd_cls", "kd_box", "kd_feat"}
-    for key in ("kd_cls", "kd_feat"):
+    # an untrained teacher's class logits are nearly equal everywhere, so its class term is about 1e-4 and int8 steps
+    # weigh more in it than in a trained teacher's (measured 0.02-1.8% over student initialisations): 2% for it
+    for key, limit in (("kd_cls", 0.02), ("kd_feat", 0.01)):
         a, b = float(from_cache[key].detach()), float(from_live[key].detach())
-        assert b > 0 and abs(a - b) <= 0.01 * b, (key, a, b)
+        assert b > 0 and abs(a - b) <= limit * b, (key, a, b)
     # the box term reads the kept anchors only (all of them here: floor 0, 64 px has 84 anchors < 512 slots)
     a, b = float(from_cache["kd_box"].detach()), float(from_live["kd_box"].detach())
     assert b > 0 and abs(a - b) <= 0.01 * b, (a, b)

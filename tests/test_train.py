@@ -298,6 +298,8 @@ def test_interrupted_student_run_resumes_with_its_adapters(tmp_path, cache, data
     resumed.train(trainer=trainer, resume=True)
     assert seen["start"] == 1
     assert saved and all(torch.equal(seen["state"][k].cpu(), saved[k].float()) for k in saved)
+    with open(tmp_path / "runs" / "r" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
 
 
 def _saved_projector(last: Path) -> dict:
@@ -307,8 +309,6 @@ def _saved_projector(last: Path) -> dict:
 
     ckpt, _ = torch_safe_load(str(last), safe_only=True)
     return {k: v.cpu() for k, v in ckpt["ema"].projector.state_dict().items()}
-    with open(tmp_path / "runs" / "r" / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
 
 
 def test_online_mode_trains_with_the_same_terms(tmp_path, dataset, v8s_teacher):
