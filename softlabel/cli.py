@@ -181,7 +181,9 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan, half):
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
 @click.option("--data", default=None, help="Ultralytics data.yaml: the same data the cache was dumped from [default: the one the cache records].")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1), help="Training epochs (Ultralytics' meaning).")
-@click.option("--distill", "distill", default=None, help="Distillation config: a built-in name (default, accurate, logits_only) or a YAML path [default: default].")
+@click.option("--distill", "distill", default=None, help="Distillation config: a built-in name (default, distances, accurate, logits_only) "
+              "or a YAML path [default: default where teacher and student have the same DFL bins; distances (a box term on decoded "
+              "distances) where either predicts distances, e.g. YOLO26].")
 @click.option("--imgsz", default=None, type=int, callback=_imgsz, help="Image size; must equal the cache's [default: the cache's, or 640 online].")
 @click.option("--batch", default=16, show_default=True, callback=_train_batch, help="Batch size (Ultralytics' meaning: -1 picks one from GPU memory).")
 @click.option("--device", default=None, help="cpu, 0, 0,1 (DDP), ... (Ultralytics' meaning) [default: Ultralytics' choice].")
