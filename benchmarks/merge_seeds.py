@@ -16,7 +16,9 @@ from pathlib import Path
 
 import common
 
-SAME = ("preset", "regime", "dataset", "epochs")
+SAME = ("preset", "regime", "epochs")
+# what the data and the training are made from (each run builds its own copy of the data in its own --work)
+SAME_SETTINGS = ("data", "train_scenes", "val_scenes", "imgsz", "batch", "nbs", "lr0", "views", "close_mosaic", "fliplr", "distill")
 
 
 def merge(paths: list[Path]) -> dict:
@@ -26,6 +28,9 @@ def merge(paths: list[Path]) -> dict:
         for key in SAME:
             if part.get(key) != first.get(key):
                 raise SystemExit(f"{p}: {key} {part.get(key)!r} differs from {paths[0]}'s {first.get(key)!r}")
+        for key in SAME_SETTINGS:
+            if part["settings"].get(key) != first["settings"].get(key):
+                raise SystemExit(f"{p}: setting {key} {part['settings'].get(key)!r} differs from {paths[0]}'s")
         if part["teacher"]["weights"] != first["teacher"]["weights"] or part["settings"]["student"] != first["settings"]["student"]:
             raise SystemExit(f"{p}: another teacher or student than {paths[0]}")
         if set(part["modes"]) != set(first["modes"]):
@@ -45,6 +50,7 @@ def merge(paths: list[Path]) -> dict:
         modes[m] = entry
     curves = {m: {k: v for part in parts for k, v in part.get("curves", {}).get(m, {}).items()} for m in first["modes"]}
     return {**first, "modes": modes, "curves": curves, "merged_from": [str(p) for p in paths],
+            "datasets": [part["dataset"] for part in parts],
             "command": "benchmarks/merge_seeds.py " + " ".join(str(p) for p in paths)}
 
 
