@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from softlabel.distill.adapters import ADAPTERS
-from softlabel.distill.losses import LOSSES, build_loss
+from softlabel.distill.losses import LOSSES, build_loss, init_args
 from softlabel.distill.schedule import DistillSchedule
 from softlabel.builtin import builtin_path, resolve_config
 from softlabel.errors import UserError
+from softlabel.heads import BRANCHES
 from softlabel.yamlfile import read_mapping
 
 # How the feature levels share a feature term. "equal": the mean of the per-level losses.
@@ -23,7 +23,7 @@ from softlabel.yamlfile import read_mapping
 LEVEL_BALANCE = ("equal", "confidence")
 # Which branch of an end-to-end student (YOLO26, YOLOv10) a class or box term teaches: its dense one2many
 # branch, its one2one branch, or both (the mean of the two). A one-branch student has only one.
-STUDENT_BRANCHES = ("one2many", "one2one", "both")
+STUDENT_BRANCHES = (*BRANCHES, "both")
 DEFAULT_DISTILL = builtin_path("distill")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # keys a term may carry besides its loss's own arguments, and the targets they apply to
@@ -137,16 +137,12 @@ def _parse_term(name: str, spec: dict[str, Any], source: str) -> Term:
         if chosen["branch"] not in STUDENT_BRANCHES:
             raise UserError(f"{source}: '{name}': unknown branch '{chosen['branch']}'; valid: {', '.join(STUDENT_BRANCHES)}")
     term = Term(loss, weight, spec, **chosen)
-    if "channels" not in _init_args(LOSSES[loss]):  # a loss sized by the teacher's channels (mgd) is checked when built
+    if "channels" not in init_args(loss):  # a loss sized by the teacher's channels (mgd) is checked when built
         try:
             build_loss(loss, **spec)
         except ValueError as e:
             raise UserError(f"{source}: '{name}': {e}") from None
     return term
-
-
-def _init_args(cls: type) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
 def _positions(raw: Any, name: str, source: str) -> int | None:

@@ -94,9 +94,4 @@ class DistillModel(nn.Module):
         self._modules["projector"] = projector
 
 
-def student_of(model: nn.Module) -> nn.Module:
-    """The plain student inside a wrapper (or the model itself)."""
-    return model.student_model if isinstance(model, DistillModel) else model
-
-
 torch.serialization.add_safe_globals([DistillModel])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from softlabel.anchors import level_ranges, map_sizes, rank, split_levels
 from softlabel.distill.adapters import FeatureAdapters
-from softlabel.distill.losses import LOSSES, build_loss
+from softlabel.distill.losses import LOSSES, build_loss, init_args
 from softlabel.distill.teacherbatch import TeacherBatch
 from softlabel.errors import UserError
 from softlabel.heads import HeadSpec, anchor_norm, distances
@@ -126,7 +126,7 @@ class FeatureTerm(Term):
         t_ch = [teacher_channels[teacher_levels.index(lvl)] for lvl in wanted]
         s_ch = [student.channels[s_levels.index(lvl)] for lvl in wanted]
         # one loss module per level: a generative loss (MGD) owns per-level parameters
-        needs_channels = "channels" in _init_args(LOSSES[loss_name])
+        needs_channels = "channels" in init_args(loss_name)
         losses = [_build(config_source, name, loss_name, spec.options, **({"channels": c} if needs_channels else {})) for c in t_ch]
         super().__init__(name, weight, nn.ModuleList(losses))
         self.levels = wanted
@@ -243,8 +243,3 @@ def _build(source: str, name: str, loss: str, options: dict, **extra: Any) -> nn
     except ValueError as e:
         raise UserError(f"{source}: '{name}': {e}") from None
 
-
-def _init_args(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}

@@ -221,9 +221,9 @@ class DistillTrainer(DetectionTrainer):
 
     def final_eval(self):
         # training is over: last.pt is no longer resumed, so it too becomes a plain student checkpoint
-        for path in (self.last, self.best):
-            if RANK in {-1, 0} and path.is_file():
-                plain_checkpoint(path)
+        # (best.pt became one each time it was written, in save_model)
+        if RANK in {-1, 0} and self.last.is_file():
+            plain_checkpoint(self.last)
         return super().final_eval()
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import LOSSES, TARGETS, build_loss, register
+from .registry import LOSSES, TARGETS, build_loss, init_args, register
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("registry", "common"):
@@ -45,6 +45,7 @@ __all__ = [
     "TARGETS",
     "register",
     "build_loss",
+    "init_args",
     "BCEDistill",
     "KLClassDistill",
     "MSELogitsDistill",

@@ -50,6 +50,11 @@ def register(name: str, sparse_teacher: bool = False, box_form: str | None = Non
     return wrap
 
 
+def init_args(name: str) -> set[str]:
+    """The constructor arguments of a registered loss (a loss sized by the teacher's channels takes `channels`)."""
+    return set(_init_params(LOSSES[name]))
+
+
 def _init_params(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
     params = inspect.signature(cls.__init__).parameters
     return {
