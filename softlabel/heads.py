@@ -64,10 +64,6 @@ class HeadSpec:
     def end2end(self) -> bool:
         return bool(self.branches)
 
-    @property
-    def kind(self) -> str:
-        return f"{'end2end-' if self.end2end else ''}{'dfl' if self.box_form == 'bins' else 'distances'}"
-
 
 def detect_head(model) -> torch.nn.Module | None:
     inner = getattr(model, "student_model", model)  # a distillation wrapper around a student

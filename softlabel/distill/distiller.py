@@ -40,7 +40,9 @@ class Distiller(nn.Module):
         self.config = config
         strides = tuple(student_strides or [2 ** int(lvl[1:]) for lvl in student_levels])
         self.student = HeadSpec(nc, int(reg_max), strides, tuple(student_channels), tuple(student_branches))
-        self.teacher = HeadSpec(nc, int(teacher_reg_max or reg_max), strides, tuple(teacher_channels))
+        # the teacher's head as the terms read it: its box form on the student's anchors; the feature levels the cache
+        # holds (possibly fewer than the head's) are passed to the terms beside it
+        self.teacher = HeadSpec(nc, int(teacher_reg_max or reg_max), strides, channels=())
         self.terms = nn.ModuleDict(
             {name: build_term(name, spec, config.source, self.student, self.teacher, list(teacher_levels), list(teacher_channels))
              for name, spec in config.terms.items()}
