@@ -150,6 +150,8 @@ def parse_args() -> argparse.Namespace:
                    help="cache precision, as softlabel dump --precision (default: the dump's default)")
     p.add_argument("--head-topk", type=int, default=None, help="sparse head: anchors kept per image, as softlabel dump --head-topk")
     p.add_argument("--features", choices=["sparse", "dense"], default=None, help="feature layout, as softlabel dump --features")
+    p.add_argument("--teacher-branch", choices=["one2many", "one2one", "mean"], default=None,
+                   help="end-to-end teacher: the branch cached, as softlabel dump --teacher-branch (default: one2many)")
     p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/accuracy.json, accuracy-converged.json "
                    "or accuracy-finetune.json by preset, -views added with --views-study; WORK/result.json for the -quick variants); "
@@ -350,7 +352,7 @@ def main() -> None:
 
     close_views = 1 if min(args.close_mosaic, args.epochs - 1) > 0 else 0
     storage = {k: v for k, v in (("precision", args.precision), ("head_topk", args.head_topk), ("head_floor", args.head_floor),
-                                            ("feature_layout", args.features)) if v is not None}
+                                            ("feature_layout", args.features), ("branch", args.teacher_branch)) if v is not None}
     ctx = {"data": data_yaml, "data_id": data_id, "teacher": teacher, "recipe": recipe, "close_views": close_views, "init": init}
     ctx["store"] = store = ensure_store(args, ctx, args.views, storage)
     ctx["augment"] = store.parent / f"{store.stem}.augment.yaml"

@@ -208,6 +208,8 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
               "views": views, "close_views": close_views, "seed": seed, "augment": augment.read_text(),
               "storage": {"precision": head.precision, "head_topk": head.head_topk, "head_floor": head.head_floor,
                           "feature_layout": head.feature_layout, "feature_rows": head.feature_rows, "schema": SCHEMA_VERSION}}
+    if storage.get("branch"):  # only when chosen, so manifests written before the option existed still match
+        wanted["storage"]["branch"] = storage["branch"]
     manifest = store.parent / f"{store.stem}.json"
     same = manifest_matches(manifest, wanted) and store.exists()
     write_manifest(manifest, wanted)
