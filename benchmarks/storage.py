@@ -63,7 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher", help="trained teacher checkpoint (.pt); default: the demo's (runs/demo)")
     p.add_argument("--data", help="data.yaml the teacher was trained on; default: the demo's dataset")
     p.add_argument("--demo-dir", default="runs/demo", help="where `softlabel demo` left its run (default: runs/demo)")
-    p.add_argument("--student", default=None, help="student checkpoint for the fidelity loss (default: yolov8n.yaml, fixed random init)")
+    p.add_argument("--student", default=None, help="student for the fidelity loss: a checkpoint, or a model yaml at a fixed random init "
+                   "(default: yolov8n.yaml)")
     p.add_argument("--imgsz", type=int, default=None, help="image size (default: the demo's, else 160)")
     p.add_argument("--images", type=int, default=128, help="training images dumped per option (default: 128)")
     p.add_argument("--augment", default=None, help="augmentation YAML for the dumps (default: the demo's, else the built-in default)")
@@ -115,6 +116,18 @@ def _subset(data_yaml: Path, images: int, work: Path) -> Path:
     return out
 
 
+def _as_leaves(value, leaves: list):
+    """The student's outputs (tensors in lists and dicts, an end-to-end head's branches nested) as fresh
+    leaves that need a gradient, each appended to `leaves`."""
+    if isinstance(value, dict):
+        return {k: _as_leaves(v, leaves) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_leaves(v, leaves) for v in value)
+    leaf = value.detach().requires_grad_()
+    leaves.append(leaf)
+    return leaf
+
+
 def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | None, samples: int) -> dict:
     from ultralytics.nn.tasks import DetectionModel
 
@@ -132,14 +145,14 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
     aug = reader.attrs["augment"]
     replay = Replay(build_index(load_data_yaml(data_yaml), check_images=False), AugmentConfig.from_attrs(aug), int(aug["imgsz"]), int(aug["seed"]))
     ds = DistillDataset(replay, ViewPlan(1, 0, 1, 1), reader)
-    teacher = Teacher.load(teacher_pt)
+    teacher = Teacher.load(teacher_pt, branch=reader.description.teacher.branch or None)  # the live teacher says what the store kept
     torch.manual_seed(0)
-    if student_pt:
+    if student_pt and not student_pt.endswith((".yaml", ".yml")):
         from ultralytics import YOLO
 
         student = YOLO(student_pt).model.float()
     else:
-        student = DetectionModel("yolov8n.yaml", nc=teacher.info.nc, verbose=False)
+        student = DetectionModel(student_pt or "yolov8n.yaml", nc=teacher.info.nc, verbose=False)
     student.train()
     spec = head_spec(student)
     levels, channels, reg_max = list(spec.levels), list(spec.channels), spec.reg_max
@@ -159,9 +172,8 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
             # levels a store left out are compared on the live teacher: only what was stored can differ
             stored.feats = {lvl: stored.feats.get(lvl, live_feats[lvl]) for lvl in teacher.info.levels}
         # the student's outputs as leaves: what it learns from a term is that term's gradient on them
-        preds = {k: [f.detach().requires_grad_() for f in v] if isinstance(v, list) else v.detach().requires_grad_()
-                 for k, v in preds.items()}
-        leaves = [t for v in preds.values() for t in (v if isinstance(v, list) else [v])]
+        leaves: list = []
+        preds = _as_leaves(preds, leaves)
         from_store = distiller(preds, stored, levels)
         from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
         from_store["total"], from_live["total"] = sum(from_store.values()), sum(from_live.values())

@@ -42,10 +42,13 @@ class DigitsSettings:
     # the digit classes drawn, empty for all ten; label i is classes[i]. Two disjoint sets make two tasks
     # that share no digit image (a source task to pretrain on, a target task), whatever the split seed
     classes: tuple[int, ...] = ()
+    # 0: ink of any colour that contrasts with the background, one class per digit. 2..8: each digit is inked in
+    # one of `inks` hues and (digit, hue) is its class, so ten digits make 10 * inks classes (8: COCO's 80)
+    inks: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("mean_digits", "classes"):  # folders drawn before a setting existed stay valid
+        for key in ("mean_digits", "classes", "inks"):  # folders drawn before a setting existed stay valid
             if not d[key]:
                 del d[key]
         if "classes" in d:
@@ -54,7 +57,25 @@ class DigitsSettings:
 
     @property
     def names(self) -> list[str]:
-        return [str(c) for c in self.classes] if self.classes else list(NAMES)
+        digits = [str(c) for c in self.classes] if self.classes else list(NAMES)
+        if self.inks < 2:
+            return digits
+        return [f"{d}-{hue_name(h, self.inks)}" for h in range(self.inks) for d in digits]  # label: hue * len(digits) + digit
+
+
+# names of the hues 45 degrees apart; DigitsSettings.inks spaces its hues evenly round the wheel
+HUES = ("red", "orange", "lime", "green", "cyan", "azure", "violet", "rose")
+MAX_INKS = len(HUES)
+
+
+def hue_name(hue: int, inks: int) -> str:
+    """The name nearest to ink hue `hue` of `inks` (distinct for every inks in 2..8)."""
+    return HUES[round(hue_degrees(hue, inks) / 45.0) % len(HUES)]
+
+
+def hue_degrees(hue: int, inks: int) -> float:
+    """The centre of ink hue `hue` of `inks`, in degrees."""
+    return 360.0 * hue / inks
 
 
 def load_glyphs() -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +118,15 @@ def _ink(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
     light_bg = float(background.mean()) > 128
     tone = rng.uniform(0, 70) if light_bg else rng.uniform(180, 255)
     return np.clip(tone + rng.normal(0, 30, 3), 0, 255).astype(np.float32)
+
+
+def _hued_ink(rng: np.random.Generator, background: np.ndarray, hue: int, inks: int) -> np.ndarray:
+    """A saturated BGR ink of hue `hue` of `inks` (jittered by a quarter of the gap between hues), dark on light
+    backgrounds and bright on dark ones, so it contrasts as _ink does and its hue names its class."""
+    degrees = hue_degrees(hue, inks) + rng.uniform(-0.25, 0.25) * 360.0 / inks
+    value = rng.uniform(110, 170) if float(background.mean()) > 128 else rng.uniform(200, 255)
+    hsv = np.array([[[degrees % 360.0 / 2.0, rng.uniform(190, 255), value]]], np.float32)  # OpenCV: hue in 0..180
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
 
 
 def _render_glyph(rng: np.random.Generator, glyph: np.ndarray, height: int) -> np.ndarray:
@@ -201,6 +231,7 @@ def draw_scene(rng: np.random.Generator, glyphs: np.ndarray, classes: np.ndarray
     taken: list[tuple[int, int, int, int]] = []
     labels = []
     n_digits = 0 if rng.random() < 0.05 else digit_count(rng, settings)
+    n_labels = len(settings.classes) or len(NAMES)  # digit labels; a hued digit's class adds hue * n_labels
     for _ in range(n_digits):
         j = int(rng.integers(len(glyphs)))
         height = int(np.exp(rng.uniform(np.log(settings.min_digit), np.log(settings.max_digit))))  # as many small as large
@@ -214,10 +245,18 @@ def draw_scene(rng: np.random.Generator, glyphs: np.ndarray, classes: np.ndarray
         if spot is None:
             continue  # the scene is full
         x, y = spot
-        _paste(img, mask, _ink(rng, img[y : y + mask.shape[0], x : x + mask.shape[1]]), x, y)
+        under = img[y : y + mask.shape[0], x : x + mask.shape[1]]
+        label = int(classes[j])
+        if settings.inks >= 2:
+            hue = int(rng.integers(settings.inks))
+            ink = _hued_ink(rng, under, hue, settings.inks)
+            label += hue * n_labels
+        else:
+            ink = _ink(rng, under)
+        _paste(img, mask, ink, x, y)
         h, w = mask.shape
         taken.append((x, y, x + w, y + h))
-        labels.append((int(classes[j]), (x + w / 2) / W, (y + h / 2) / H, w / W, h / H))
+        labels.append((label, (x + w / 2) / W, (y + h / 2) / H, w / W, h / H))
     _clutter(rng, img, glyphs, taken, settings)
     if rng.random() < 0.5:  # camera softness
         img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 1.0))
@@ -247,6 +286,8 @@ def build_digits(root: str | Path, settings: DigitsSettings = DigitsSettings()) 
         raise UserError("the digits dataset needs at least one train and one val scene")
     if settings.classes and (len(set(settings.classes)) != len(settings.classes) or not set(settings.classes) <= set(range(10))):
         raise UserError(f"digit classes {list(settings.classes)} must be distinct digits 0-9")
+    if settings.inks and not 2 <= settings.inks <= MAX_INKS:
+        raise UserError(f"inks {settings.inks} must be 0 (any contrasting ink) or 2..{MAX_INKS} hues")
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)

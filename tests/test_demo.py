@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from softlabel.cli import main
@@ -55,6 +56,38 @@ def test_coco_like_digit_counts_have_the_asked_mean_and_a_long_tail():
     assert "mean_digits" not in DigitsSettings().to_dict() and crowded.to_dict()["mean_digits"] == 7
     with pytest.raises(UserError, match="mean_digits"):
         build_digits("/nonexistent/never-written", DigitsSettings(mean_digits=9, max_digits=6))
+
+
+def test_hued_digit_scenes_make_ten_classes_per_ink_and_the_ink_names_the_class(tmp_path):
+    import cv2
+
+    settings = DigitsSettings(n_train=24, n_val=4, canvas=160, min_digit=24, max_digit=64, inks=8)
+    yaml_path = build_digits(tmp_path / "hued", settings)
+    names = yaml.safe_load(yaml_path.read_text())["names"]
+    assert len(names) == 80 and names[0] == "0-red" and names[79] == "9-rose"
+    seen, checked = set(), 0
+    for label_file in sorted((tmp_path / "hued" / "labels" / "train").iterdir()):
+        img = cv2.imread(str(tmp_path / "hued" / "images" / "train" / f"{label_file.stem}.png"))
+        hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV).astype(np.float32)
+        H, W = img.shape[:2]
+        for c, x, y, w, h in np.loadtxt(label_file, ndmin=2):
+            cls = int(c)
+            seen.add(cls)
+            x0, y0, x1, y1 = (int(round(v)) for v in ((x - w / 2) * W, (y - h / 2) * H, (x + w / 2) * W, (y + h / 2) * H))
+            patch = hsv[y0:y1, x0:x1].reshape(-1, 3)
+            ink = patch[patch[:, 1] > 150]  # saturated pixels: the ink, not the greyish background
+            if len(ink) < 20:
+                continue
+            # the hue the most ink votes for, each pixel weighted by saturation x value (dark background
+            # pixels are often saturated but never bright), in bins centred on the eight ink hues
+            nearest = np.round(ink[:, 0] * 2.0 / 45.0).astype(int) % 8
+            votes = np.bincount(nearest, weights=ink[:, 1] * ink[:, 2], minlength=8)
+            assert votes.argmax() == cls // 10, f"{label_file.name}: class {names[cls]} inked at hue {45 * votes.argmax()}"
+            checked += 1
+    assert checked >= 40 and len(seen) > 30 and max(seen) < 80
+    with pytest.raises(UserError, match="inks"):
+        build_digits(tmp_path / "bad", DigitsSettings(inks=9))
+    assert "inks" not in DigitsSettings().to_dict()  # folders drawn before the setting existed are reused
 
 
 def test_digit_scenes_of_a_class_subset_hold_only_those_digits_relabelled(tmp_path):
