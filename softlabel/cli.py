@@ -174,9 +174,19 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan, half):
 
 @main.command()
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--student", "students", multiple=True, required=True,
+@click.option("--student", "students", multiple=True,
               help="Student as Ultralytics names it: yolov8n (the pretrained yolov8n.pt, found locally or fetched; yolov8n.yaml "
-                   "from scratch where it cannot be had), yolov8n.yaml (random weights) or a .pt checkpoint. Repeat to train several in turn.")
+                   "from scratch where it cannot be had), yolov8n.yaml (random weights) or a .pt checkpoint. Repeat to train several "
+                   "in turn, or at once with --cohort.")
+@click.option("--cohort", is_flag=True,
+              help="Train every student at once on one stream of batches: each batch is replayed and read from the cache (or run "
+                   "through the live teacher) once for all. Each student keeps its own optimizer, EMA, validation, checkpoints and "
+                   "run folder (one folder per student under the cohort's, --project/--name, default runs/detect/cohort) and ends "
+                   "with the weights it would have trained alone. Resume an interrupted cohort with resume=COHORT_FOLDER.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+              help="With --cohort: one student per value (and per combination, when repeated) of an Ultralytics training "
+                   "argument (lr0=0.01,0.005) or of distill=CONFIG,CONFIG. Arguments that shape the batches (batch, imgsz, "
+                   "epochs, seed, data, ...) are one value for the whole cohort.")
 @click.option("--cache", default=None, help="Cache store written by 'softlabel dump' (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher checkpoint run live on the same replayed inputs (online mode), instead of --cache.")
 @click.option("--data", default=None, help="Ultralytics data.yaml: the same data the cache was dumped from [default: the one the cache records].")
@@ -199,7 +209,7 @@ def verify(store, samples, teacher, data, device, atol, rtol, no_scan, half):
 @click.option("--replay-seed", default=0, show_default=True, help="Online mode: augmentation seed, as dump --seed.")
 @click.option("--half/--no-half", default=None,
               help="Online mode: run the teacher in float16 (CUDA only) or float32 [default: as the student's AMP].")
-def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed, half):
+def train(overrides, students, cohort, sweeps, cache, teacher, data, epochs, distill, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots, views, close_views, augment, replay_seed, half):
     """Train one or more students against a cache (or a live teacher), then print a table.
 
     Any other Ultralytics training argument follows in its own KEY=VALUE form, e.g. lr0=0.005
@@ -220,6 +230,18 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
     typed = explicit | (set(given) & set(OPTION_KEYS))  # what the user wrote, either way
     options, extra = merge_options(options, explicit, given)
     data, epochs, imgsz, batch, device, workers, seed, close_mosaic, project, name, plots = (options[k] for k in OPTION_KEYS)
+    if sweeps and not cohort:
+        raise UserError("--sweep trains its students at once: add --cohort")
+    if cohort and extra.get("resume"):
+        from softlabel.train.cohort import run_cohort
+
+        if students or cache or teacher or sweeps:
+            raise UserError("resume=COHORT_FOLDER takes the students and settings from the folder's cohort.json; give nothing else")
+        rows = run_cohort([], [], {}, {}, resume=str(extra["resume"]), echo=click.echo)
+        click.echo(render_table(rows))
+        return
+    if not students:
+        raise UserError("give at least one --student")
     if bool(cache) == bool(teacher):
         raise UserError("give exactly one of --cache (offline) or --teacher (online)")
     check_train_numbers(epochs=epochs, batch=batch, workers=workers, imgsz=imgsz, close_mosaic=close_mosaic)
@@ -239,7 +261,14 @@ def train(overrides, students, cache, teacher, data, epochs, distill, imgsz, bat
         # close_mosaic, ...); softlabel's option defaults must not reach it as if the user had given them
         args = {k: v for k, v in args.items() if k in typed or k in ("data", "imgsz")}  # data, imgsz: the cache's
     args.update(extra)
-    rows = train_students(list(students), settings, **args)
+    if cohort:
+        from softlabel.train.cohort import run_cohort
+
+        if extra.get("resume"):
+            raise UserError("resume=COHORT_FOLDER with --cohort")
+        rows = run_cohort(list(students), list(sweeps), settings, args, echo=click.echo)
+    else:
+        rows = train_students(list(students), settings, **args)
     click.echo(render_table(rows))
 
 

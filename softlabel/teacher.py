@@ -94,8 +94,7 @@ def read_checkpoint(path: str | Path, role: str = "teacher") -> tuple[nn.Module,
 
     safe = not trust.trusted()
     try:
-        with contextlib.redirect_stdout(None):
-            ckpt, _ = torch_safe_load(str(path), safe_only=safe)
+        ckpt, _ = torch_safe_load(str(path), safe_only=safe)
     except Exception as e:  # a pickle, a zip, a text file: every loader fails its own way
         if safe and _refused_by_safe_load(e):
             raise UserError(trust.refused(str(path), role)) from None

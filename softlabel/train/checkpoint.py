@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -18,9 +17,9 @@ def plain_checkpoint(path: str | Path) -> bool:
     from ultralytics.nn.tasks import torch_safe_load
 
     path = Path(path)
-    with contextlib.redirect_stdout(None):
-        # as every checkpoint is read: safe unless the user trusts their files (a student may hold their own classes)
-        ckpt, _ = torch_safe_load(str(path), safe_only=not trust.trusted())
+    # as every checkpoint is read: safe unless the user trusts their files (a student may hold their own classes).
+    # Nothing silences stdout here: that is process-wide, and a cohort's other students print from their threads.
+    ckpt, _ = torch_safe_load(str(path), safe_only=not trust.trusted())
     changed = False
     for key in ("model", "ema"):
         if isinstance(ckpt.get(key), DistillModel):

@@ -21,13 +21,37 @@ class StudentResult:
     epochs: int
     seconds: float
     save_dir: str
+    status: str = "done"  # done | stopped early | failed (a cohort goes on without a failed student)
+    error: str = ""
+
+    @classmethod
+    def failed(cls, student: str, save_dir: str, error: str) -> "StudentResult":
+        nan = float("nan")
+        return cls(student, 0, nan, nan, nan, 0, nan, save_dir, status="failed", error=error)
+
+
+def result_of(name: str, model, metrics, imgsz: int, seconds: float) -> StudentResult:
+    """The table row of a student that `model.train` has just trained."""
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops, get_num_params
+
+    inner = model.trainer.best if Path(model.trainer.best).is_file() else model.trainer.last
+    best = YOLO(str(inner)).model
+    return StudentResult(
+        student=name,
+        params=int(get_num_params(best)),
+        gflops=float(get_flops(best, imgsz)),
+        map50=float(metrics.box.map50) if metrics is not None else float("nan"),
+        map50_95=float(metrics.box.map) if metrics is not None else float("nan"),
+        epochs=int(model.trainer.epoch + 1),
+        seconds=seconds,
+        save_dir=str(model.trainer.save_dir),
+    )
 
 
 def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
     """Train each student in turn against the same teacher source; Ultralytics' arguments pass through."""
     import time
-
-    from ultralytics.utils.torch_utils import get_flops, get_num_params
 
     models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
     where, teacher = teacher_head(trainer_settings)
@@ -43,23 +67,7 @@ def train_students(students: list[str], trainer_settings: dict[str, Any], **trai
             args["name"] = Path(student).stem
         start = time.time()
         metrics = model.train(trainer=trainer, **args)
-        seconds = time.time() - start
-        inner = model.trainer.best if Path(model.trainer.best).is_file() else model.trainer.last
-        from ultralytics import YOLO
-
-        best = YOLO(str(inner)).model
-        results.append(
-            StudentResult(
-                student=student,
-                params=int(get_num_params(best)),
-                gflops=float(get_flops(best, int(args.get("imgsz", 640)))),
-                map50=float(metrics.box.map50) if metrics is not None else float("nan"),
-                map50_95=float(metrics.box.map) if metrics is not None else float("nan"),
-                epochs=int(model.trainer.epoch + 1),
-                seconds=seconds,
-                save_dir=str(model.trainer.save_dir),
-            )
-        )
+        results.append(result_of(student, model, metrics, int(args.get("imgsz", 640)), time.time() - start))
     return results
 
 
@@ -80,7 +88,11 @@ def render_table(rows: list[StudentResult]) -> str:
     head = f"{'student':<{width}}{'params':>12}{'GFLOPs':>9}{'mAP50':>9}{'mAP50-95':>10}{'epochs':>8}{'time':>10}  run"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.status == "failed":
+            lines.append(f"{r.student:<{width}}  failed: {r.error.splitlines()[-1] if r.error else 'see its run folder'}  {r.save_dir}")
+            continue
+        note = "" if r.status == "done" else f"  ({r.status})"
         lines.append(
-            f"{r.student:<{width}}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}"
+            f"{r.student:<{width}}{r.params:>12,}{r.gflops:>9.2f}{r.map50:>9.4f}{r.map50_95:>10.4f}{r.epochs:>8}{r.seconds:>9.1f}s  {r.save_dir}{note}"
         )
     return "\n".join(lines)

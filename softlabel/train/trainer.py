@@ -48,6 +48,12 @@ class DistillTrainer(DetectionTrainer):
     views: int = DEFAULT_VIEWS  # online mode, as a dump's default
     close_views: int = 1  # online mode
     teacher_half: bool | None = None  # online mode: float16 teacher on CUDA; None follows the student's amp
+    # a cohort (softlabel.train.cohort): the batch stream its students share, this student's name in it, what
+    # they share once (the live teacher), and the turn that sets the students up one at a time
+    cohort: Any = None
+    cohort_member: str | None = None
+    cohort_shared: Any = None
+    cohort_turn: Any = None
 
     def _teacher_half(self) -> bool:
         if self.teacher_half is not None:
@@ -90,7 +96,8 @@ class DistillTrainer(DetectionTrainer):
             views, close_views = desc.augment.views, desc.augment.close_views
             self.reader = reader
         else:
-            teacher = Teacher.load(self.teacher_path, device=self.device, amp=self._teacher_half())
+            load = lambda: Teacher.load(self.teacher_path, device=self.device, amp=self._teacher_half())  # noqa: E731
+            teacher = self.cohort_shared.once("teacher", load) if self.cohort_shared is not None else load()
             if teacher.info.nc != spec.nc:
                 raise UserError(f"{self.teacher_path}: teacher predicts {teacher.info.nc} classes but {spec.yaml_path} has nc={spec.nc}")
             self.live_teacher = teacher
@@ -128,15 +135,29 @@ class DistillTrainer(DetectionTrainer):
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         if mode != "train":
             return super().get_dataloader(dataset_path, batch_size, rank, mode)
-        dataset = self.build_dataset(dataset_path, mode, batch_size)
+        build = lambda: self._train_loader(dataset_path, batch_size, rank)  # noqa: E731
+        if self.cohort is not None:
+            if self.world_size > 1:
+                raise UserError("a cohort trains in one process; DDP (several devices) is not supported with --cohort")
+            view = self.cohort.view(self.cohort_member, build)
+            if view.batch_size == batch_size:
+                self.epoch_sampler = view.sampler
+                return view
+            view.close()  # a batch other than the cohort's (an out-of-memory retry halved it): this student reads alone
+        loader = build()
+        self.epoch_sampler = loader.sampler
+        return loader
+
+    def _train_loader(self, dataset_path, batch_size: int, rank: int) -> InfiniteDataLoader:
+        dataset = self.build_dataset(dataset_path, "train", batch_size)
         world = max(self.world_size, 1)
         workers = min(self.args.workers, batch_size)  # Ultralytics has set 0 on a CPU already
-        self.epoch_sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world,
-                                          groups=dataset.epoch_groups, batch=batch_size, workers=workers)
+        sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world,
+                               groups=dataset.epoch_groups, batch=batch_size, workers=workers)
         return InfiniteDataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=self.epoch_sampler,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=DistillDataset.collate_fn,
             pin_memory=self.device.type == "cuda",
@@ -144,7 +165,15 @@ class DistillTrainer(DetectionTrainer):
         )
 
     def preprocess_batch(self, batch: dict) -> dict:
+        slot = batch.pop("cohort_slot", None)
         check_epoch(batch, self.epoch)
+        if slot is None:
+            return self._to_device(batch)
+        # a cohort's batch: the first student to get here moves it to the device (and runs the live teacher on it)
+        # once for all; each gets its own dict of the shared tensors, which nothing downstream writes into
+        return dict(slot.once("batch", lambda: self._to_device(batch)))
+
+    def _to_device(self, batch: dict) -> dict:
         batch = super().preprocess_batch(batch)
         if self.live_teacher is not None:
             out = self.live_teacher(batch["img"])
@@ -212,6 +241,8 @@ class DistillTrainer(DetectionTrainer):
         self.train_loader.reset()
         self.add_callback("on_train_epoch_start", _set_schedule_factor)
         self.add_callback("on_train_epoch_start", _replay_an_epoch_begun_again)
+        if self.cohort_turn is not None:  # set up: the next student's turn, and training once every student is set up
+            self.cohort_turn.done()
 
     def save_model(self):
         result = super().save_model()

@@ -1,0 +1,171 @@
+"""What a cohort saves: N students trained at once on one batch stream against the same N in turn.
+
+For N = 1, 2, 4 (yolov8n, yolo11n, yolo26n, yolov8n again) and each way of training, one fresh process
+trains the students against one cache and measures:
+
+- wall seconds for the whole job;
+- data-path CPU seconds: the thread CPU time spent in the training set's replay, cache read and
+  collate (DistillDataset.__getitem__ and collate_fn, wrapped with time.thread_time), the work a
+  cohort does once per batch and students in turn do once per student;
+- the data path per student-sample: those seconds / (N x samples trained per student);
+- peak resident memory of the process (ru_maxrss).
+
+The data path per student-sample should fall as 1/N in a cohort and stay flat in turn. The GPU
+projection divides the measured data-path cost per image and core into an assumed GPU step rate.
+
+Needs --workers 0 (Ultralytics forces it on a CPU anyway): DataLoader workers would run the data
+path in other processes, out of this process's thread clocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+FAMILY = ["yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml", "yolov8n.yaml"]
+COUNTS = (1, 2, 4)
+# A training step of a nano detector on one current data-centre GPU, images per second (an assumption for the
+# projection, not measured here: no GPU was available; gpu.sh measures the real rate where one is)
+ASSUMED_GPU_STEP_RATE = 1000.0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="image sizes, one cache each (default: 320 640)")
+    p.add_argument("--images", type=int, default=32, help="training images (default: 32)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per student (default: 2)")
+    p.add_argument("--batch", type=int, default=8, help="batch (default: 8)")
+    p.add_argument("--nc", type=int, default=80, help="classes the data.yaml names (default: 80)")
+    p.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="cohort sizes N (default: 1 2 4)")
+    p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="teacher yaml, random weights calibrated to the typical kept "
+                   "anchors (default: yolov8x.yaml)")
+    p.add_argument("--out", default=str(common.RESULTS / "cohort.json"), help="result JSON (default: benchmarks/results/cohort.json)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, N = 1 2")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one measured job, in its own process
+    args = p.parse_args()
+    if args.quick:
+        args.imgsz, args.images, args.counts, args.teacher_cfg = [64], 8, [1, 2], "yolov8n.yaml"
+    return args
+
+
+def run_job(spec: dict) -> dict:
+    """One job in this process: N students against the cache, at once or in turn."""
+    import threading
+
+    from softlabel.train import runner
+    from softlabel.train.cohort import run_cohort
+    from softlabel.train.dataset import DistillDataset
+
+    clock = {"seconds": 0.0, "samples": 0}
+    lock = threading.Lock()
+    get, collate = DistillDataset.__getitem__, DistillDataset.collate_fn
+
+    def timed_get(self, item):
+        t = time.thread_time()
+        out = get(self, item)
+        with lock:
+            clock["seconds"] += time.thread_time() - t
+            clock["samples"] += 1
+        return out
+
+    def timed_collate(batch):
+        t = time.thread_time()
+        out = collate(batch)
+        with lock:
+            clock["seconds"] += time.thread_time() - t
+        return out
+
+    DistillDataset.__getitem__ = timed_get
+    DistillDataset.collate_fn = staticmethod(timed_collate)
+    students = FAMILY[: spec["n"]]
+    settings = {"cache": spec["cache"]}
+    args = dict(data=spec["data"], epochs=spec["epochs"], imgsz=spec["imgsz"], batch=spec["batch"], workers=0, seed=0, close_mosaic=0,
+                plots=False, device="cpu", val=False, exist_ok=True, project=spec["project"], name="run")
+    start = time.perf_counter()
+    if spec["mode"] == "cohort":
+        rows = run_cohort(students, [], settings, args, echo=lambda *a: None)
+    else:
+        rows = runner.train_students(students, settings, **args)
+    wall = time.perf_counter() - start
+    per_student = spec["images"] * spec["epochs"]
+    return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"], "samples_replayed": clock["samples"],
+            "data_cpu_seconds_per_student_sample": clock["seconds"] / (spec["n"] * per_student),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "statuses": [r.status for r in rows]}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.job:
+        spec = json.loads(Path(args.job).read_text())
+        Path(spec["result"]).write_text(json.dumps(run_job(spec)))
+        return
+    from softlabel.dump import DumpSettings, run_dump
+
+    work = Path(tempfile.mkdtemp(prefix="softlabel-cohort-"))
+    results: dict = {}
+    try:
+        for imgsz in args.imgsz:
+            data = common.make_data(work / f"data{imgsz}", args.images, 4, imgsz, nc=args.nc)
+            teacher, _ = common.make_kept_teacher(args.teacher_cfg, data, work / f"teacher{imgsz}.pt", imgsz, None)
+            cache = work / f"cache{imgsz}.zarr"
+            run_dump(DumpSettings(teacher=str(teacher), data=str(data), out=str(cache), views=1, close_views=0, imgsz=imgsz,
+                                  batch=args.batch, workers=1, progress=False))
+            size: dict = {}
+            for n in args.counts:
+                for mode in ("in_turn", "cohort"):
+                    spec = {"n": n, "mode": mode, "cache": str(cache), "data": str(data), "imgsz": imgsz, "batch": args.batch,
+                            "epochs": args.epochs, "images": args.images, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
+                            "result": str(work / "job.json")}
+                    (work / "spec.json").write_text(json.dumps(spec))
+                    subprocess.run([sys.executable, __file__, "--job", str(work / "spec.json")], check=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    res = json.loads((work / "job.json").read_text())
+                    size.setdefault(str(n), {})[mode] = res
+                    print(f"{imgsz} px  N={n}  {mode:<8} wall {res['wall_seconds']:7.1f} s  data path "
+                          f"{1000 * res['data_cpu_seconds_per_student_sample']:7.2f} ms CPU per student-sample  "
+                          f"peak {res['peak_rss_mb']:.0f} MB  {res['statuses']}", flush=True)
+            results[str(imgsz)] = size
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows, checks = [], {}
+    for imgsz, size in results.items():
+        one = size.get("1", {}).get("cohort", {}).get("data_cpu_seconds_per_student_sample")
+        for n, modes in size.items():
+            c, t = modes["cohort"], modes["in_turn"]
+            share = c["data_cpu_seconds_per_student_sample"]
+            expected = one / int(n) if one else None
+            off = (share / expected - 1) if expected else None
+            checks[f"{imgsz}/N={n}"] = off
+            rows.append([f"{imgsz}", n, t["wall_seconds"], c["wall_seconds"], t["wall_seconds"] / c["wall_seconds"],
+                         1000 * t["data_cpu_seconds_per_student_sample"], 1000 * share,
+                         None if off is None else 100 * off, t["peak_rss_mb"], c["peak_rss_mb"]])
+    # per image and core: a cohort's data path costs this once per batch image, whatever N
+    per_image = {k: v.get("1", {}).get("in_turn", {}).get("data_cpu_seconds_per_student_sample") for k, v in results.items()}
+    projection = {k: {"data_path_cpu_ms_per_image": 1000 * v, "images_per_second_per_core": 1 / v,
+                      "cores_to_feed_one_student": ASSUMED_GPU_STEP_RATE * v,
+                      "cores_to_feed_n_students_in_turn": {str(n): n * ASSUMED_GPU_STEP_RATE * v for n in args.counts},
+                      "cores_to_feed_a_cohort": ASSUMED_GPU_STEP_RATE * v}
+                  for k, v in per_image.items() if v}
+    within = all(v is not None and abs(v) <= 0.10 for v in checks.values())
+    payload = {**common.header("cpu"), "settings": {k: v for k, v in vars(args).items() if k != "job"}, "students": FAMILY,
+               "results": results, "one_over_n_error": checks, "one_over_n_within_10pct": within,
+               "gpu_projection": {"assumed_gpu_step_images_per_second": ASSUMED_GPU_STEP_RATE, "by_imgsz": projection}}
+    path = common.write_json(args.out, payload)
+    print(common.table(["imgsz", "N", "in turn s", "cohort s", "speed-up", "data ms/st-sample turn", "data ms/st-sample cohort",
+                        "off 1/N %", "peak MB turn", "peak MB cohort"], rows,
+                       title="N students, in turn and as a cohort: wall time, data-path CPU per student-sample, peak memory",
+                       footer=[f"data path per student-sample within 10% of 1/N: {common.verdict(within)}", f"written to {path}"]))
+
+
+if __name__ == "__main__":
+    main()
