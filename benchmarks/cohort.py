@@ -41,7 +41,7 @@ ASSUMED_GPU_STEP_RATE = 1000.0
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--imgsz", type=int, nargs="+", default=[320, 640], help="image sizes, one cache each (default: 320 640)")
-    p.add_argument("--images", type=int, default=32, help="training images (default: 32)")
+    p.add_argument("--images", type=int, nargs="+", default=[128, 32], help="training images, one per --imgsz (default: 128 32)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per student (default: 2)")
     p.add_argument("--batch", type=int, default=8, help="batch (default: 8)")
     p.add_argument("--nc", type=int, default=80, help="classes the data.yaml names (default: 80)")
@@ -49,12 +49,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="teacher yaml, random weights calibrated to the typical kept "
                    "anchors (default: yolov8x.yaml)")
     p.add_argument("--out", default=str(common.RESULTS / "cohort.json"), help="result JSON (default: benchmarks/results/cohort.json)")
+    p.add_argument("--modes", nargs="+", default=["in_turn", "cohort"], choices=["in_turn", "cohort"], help="(default: both)")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, N = 1 2")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one measured job, in its own process
     args = p.parse_args()
     if args.quick:
-        args.imgsz, args.images, args.counts, args.teacher_cfg = [64], 8, [1, 2], "yolov8n.yaml"
+        args.imgsz, args.images, args.counts, args.teacher_cfg = [64], [8], [1, 2], "yolov8n.yaml"
     return args
+
+
+def warm_up(spec: dict, samples: int = 8) -> None:
+    """Replay, read and collate a few samples once, outside the measurement."""
+    from softlabel.cache.reader import CacheReader
+    from softlabel.data import build_index, load_data_yaml
+    from softlabel.replay import Replay
+    from softlabel.train import DistillDataset, ViewPlan
+
+    reader = CacheReader(spec["cache"])
+    desc = reader.description
+    replay = Replay(build_index(load_data_yaml(spec["data"]), "train", check_images=False), desc.augment.config, spec["imgsz"],
+                    desc.augment.seed)
+    ds = DistillDataset(replay, ViewPlan(1, 0, desc.augment.views, desc.augment.close_views), reader)
+    DistillDataset.collate_fn([ds[(i, 0)] for i in range(min(samples, len(ds)))])
 
 
 def run_job(spec: dict) -> dict:
@@ -65,7 +81,7 @@ def run_job(spec: dict) -> dict:
     from softlabel.train.cohort import run_cohort
     from softlabel.train.dataset import DistillDataset
 
-    clock = {"seconds": 0.0, "samples": 0}
+    clock = {"seconds": 0.0, "samples": 0, "collate_seconds": 0.0}
     lock = threading.Lock()
     get, collate = DistillDataset.__getitem__, DistillDataset.collate_fn
 
@@ -82,8 +98,10 @@ def run_job(spec: dict) -> dict:
         out = collate(batch)
         with lock:
             clock["seconds"] += time.thread_time() - t
+            clock["collate_seconds"] += time.thread_time() - t
         return out
 
+    warm_up(spec)  # the process's one-time costs (imports, codec and OpenCV set-up) are nobody's per-sample cost
     DistillDataset.__getitem__ = timed_get
     DistillDataset.collate_fn = staticmethod(timed_collate)
     students = FAMILY[: spec["n"]]
@@ -97,9 +115,26 @@ def run_job(spec: dict) -> dict:
         rows = runner.train_students(students, settings, **args)
     wall = time.perf_counter() - start
     per_student = spec["images"] * spec["epochs"]
-    return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"], "samples_replayed": clock["samples"],
+    return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"], "collate_cpu_seconds": clock["collate_seconds"],
+            "samples_replayed": clock["samples"],
             "data_cpu_seconds_per_student_sample": clock["seconds"] / (spec["n"] * per_student),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "statuses": [r.status for r in rows]}
+
+
+def gpu_projection(results: dict, counts: list[int]) -> dict:
+    """Cores of data path that keep one GPU busy. A GPU stepping students at ASSUMED_GPU_STEP_RATE images/s takes
+    that many images/s from the data path when students train in turn, and 1/N of it from a cohort of N (each
+    batch feeds N student steps). The data path's CPU per image is the lone student's, measured here."""
+    out = {}
+    for imgsz, size in results.items():
+        per_image = size.get("1", {}).get("in_turn", {}).get("data_cpu_seconds_per_student_sample")
+        if not per_image:
+            continue
+        need = ASSUMED_GPU_STEP_RATE * per_image
+        out[imgsz] = {"data_path_cpu_ms_per_image": 1000 * per_image, "images_per_second_per_core": 1 / per_image,
+                      "cores_to_keep_the_gpu_busy_in_turn": need,
+                      "cores_to_keep_the_gpu_busy_as_a_cohort": {str(n): need / n for n in counts}}
+    return out
 
 
 def main() -> None:
@@ -113,17 +148,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="softlabel-cohort-"))
     results: dict = {}
     try:
-        for imgsz in args.imgsz:
-            data = common.make_data(work / f"data{imgsz}", args.images, 4, imgsz, nc=args.nc)
+        if len(args.images) != len(args.imgsz):
+            raise SystemExit("cohort.py: give one --images per --imgsz")
+        for imgsz, images in zip(args.imgsz, args.images):
+            data = common.make_data(work / f"data{imgsz}", images, 4, imgsz, nc=args.nc)
             teacher, _ = common.make_kept_teacher(args.teacher_cfg, data, work / f"teacher{imgsz}.pt", imgsz, None)
             cache = work / f"cache{imgsz}.zarr"
             run_dump(DumpSettings(teacher=str(teacher), data=str(data), out=str(cache), views=1, close_views=0, imgsz=imgsz,
                                   batch=args.batch, workers=1, progress=False))
             size: dict = {}
             for n in args.counts:
-                for mode in ("in_turn", "cohort"):
+                for mode in args.modes:
                     spec = {"n": n, "mode": mode, "cache": str(cache), "data": str(data), "imgsz": imgsz, "batch": args.batch,
-                            "epochs": args.epochs, "images": args.images, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
+                            "epochs": args.epochs, "images": images, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
                             "result": str(work / "job.json")}
                     (work / "spec.json").write_text(json.dumps(spec))
                     subprocess.run([sys.executable, __file__, "--job", str(work / "spec.json")], check=True,
@@ -131,7 +168,8 @@ def main() -> None:
                     res = json.loads((work / "job.json").read_text())
                     size.setdefault(str(n), {})[mode] = res
                     print(f"{imgsz} px  N={n}  {mode:<8} wall {res['wall_seconds']:7.1f} s  data path "
-                          f"{1000 * res['data_cpu_seconds_per_student_sample']:7.2f} ms CPU per student-sample  "
+                          f"{1000 * res['data_cpu_seconds_per_student_sample']:7.2f} ms CPU per student-sample "
+                          f"(collate {1000 * res['collate_cpu_seconds']:.0f} ms of {1000 * res['data_cpu_seconds']:.0f} ms)  "
                           f"peak {res['peak_rss_mb']:.0f} MB  {res['statuses']}", flush=True)
             results[str(imgsz)] = size
     finally:
@@ -149,17 +187,15 @@ def main() -> None:
             rows.append([f"{imgsz}", n, t["wall_seconds"], c["wall_seconds"], t["wall_seconds"] / c["wall_seconds"],
                          1000 * t["data_cpu_seconds_per_student_sample"], 1000 * share,
                          None if off is None else 100 * off, t["peak_rss_mb"], c["peak_rss_mb"]])
-    # per image and core: a cohort's data path costs this once per batch image, whatever N
-    per_image = {k: v.get("1", {}).get("in_turn", {}).get("data_cpu_seconds_per_student_sample") for k, v in results.items()}
-    projection = {k: {"data_path_cpu_ms_per_image": 1000 * v, "images_per_second_per_core": 1 / v,
-                      "cores_to_feed_one_student": ASSUMED_GPU_STEP_RATE * v,
-                      "cores_to_feed_n_students_in_turn": {str(n): n * ASSUMED_GPU_STEP_RATE * v for n in args.counts},
-                      "cores_to_feed_a_cohort": ASSUMED_GPU_STEP_RATE * v}
-                  for k, v in per_image.items() if v}
+    projection = gpu_projection(results, args.counts)
     within = all(v is not None and abs(v) <= 0.10 for v in checks.values())
     payload = {**common.header("cpu"), "settings": {k: v for k, v in vars(args).items() if k != "job"}, "students": FAMILY,
                "results": results, "one_over_n_error": checks, "one_over_n_within_10pct": within,
                "gpu_projection": {"assumed_gpu_step_images_per_second": ASSUMED_GPU_STEP_RATE, "by_imgsz": projection}}
+    for imgsz, p in projection.items():
+        print(f"{imgsz} px: the data path costs {p['data_path_cpu_ms_per_image']:.1f} ms CPU per image; a GPU stepping "
+              f"{ASSUMED_GPU_STEP_RATE:.0f} student images/s needs {p['cores_to_keep_the_gpu_busy_in_turn']:.1f} cores in turn, "
+              + ", ".join(f"{c:.1f} as a cohort of {n}" for n, c in p["cores_to_keep_the_gpu_busy_as_a_cohort"].items()))
     path = common.write_json(args.out, payload)
     print(common.table(["imgsz", "N", "in turn s", "cohort s", "speed-up", "data ms/st-sample turn", "data ms/st-sample cohort",
                         "off 1/N %", "peak MB turn", "peak MB cohort"], rows,

@@ -138,9 +138,10 @@ def test_a_failing_and_a_stopping_student_leave_the_others_training(tmp_path, ca
     assert set(done) == {"yolov8n-lr0=0.002", "yolov8n-lr0=0.004"}
 
 
-def test_a_student_that_runs_an_epoch_again_reads_it_alone_and_the_others_stay_equal(tmp_path, cache, dataset, monkeypatch):
-    """NaN recovery makes Ultralytics run an epoch again from last.pt: that student leaves the stream, reads the
-    epoch from its own loader, and the other student ends exactly as it would alone."""
+def test_a_student_that_repeats_an_epoch_or_halves_its_batch_reads_alone_and_the_others_stay_equal(tmp_path, cache, dataset, monkeypatch):
+    """NaN recovery makes Ultralytics run an epoch again from last.pt, and running out of memory in the first epoch
+    makes it halve the batch: either student leaves the stream and reads its epochs from a loader of its own, and
+    the other student ends exactly as it would alone."""
     from softlabel.distill.model import DistillModel
 
     original = DistillModel.loss
@@ -156,6 +157,16 @@ def test_a_student_that_runs_an_epoch_again_reads_it_alone_and_the_others_stay_e
         return loss, items
 
     monkeypatch.setattr(DistillModel, "loss", nan_once)
+    original_preprocess = DistillTrainer.preprocess_batch
+    oom = []
+
+    def out_of_memory_once(self, batch):
+        if self.cohort_member == "yolo26n" and not oom:
+            oom.append(self.batch_size)
+            raise RuntimeError("CUDA out of memory (simulated on the CPU)")
+        return original_preprocess(self, batch)
+
+    monkeypatch.setattr(DistillTrainer, "preprocess_batch", out_of_memory_once)
     original_recovery = DistillTrainer._handle_nan_recovery
 
     def recovery(self, epoch):
@@ -168,19 +179,21 @@ def test_a_student_that_runs_an_epoch_again_reads_it_alone_and_the_others_stay_e
 
     def final_eval(self):  # where each student of the cohort read its epochs
         if self.cohort_member:
-            reads[self.cohort_member] = (self.train_loader.shared_epochs, self.train_loader.alone_epochs)
+            loader = self.train_loader
+            reads[self.cohort_member] = (getattr(loader, "shared_epochs", "own loader"), getattr(loader, "alone_epochs", loader.batch_size))
         return original_close(self)
 
     monkeypatch.setattr(DistillTrainer, "_handle_nan_recovery", recovery)
     monkeypatch.setattr(DistillTrainer, "final_eval", final_eval)
-    r = run_cli("train", "--cohort", "--student", "yolov8n.yaml", "--student", "yolo11n.yaml", "--cache", cache, *COMMON,
-                "--project", tmp_path, "--name", "c")
+    r = run_cli("train", "--cohort", "--student", "yolov8n.yaml", "--student", "yolo11n.yaml", "--student", "yolo26n.yaml",
+                "--cache", cache, *COMMON, "--project", tmp_path, "--name", "c")
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
-    assert fired == {"at": 1} and recovered == [("yolo11n", 1)]
-    # yolo11n read epochs 0 and 1 from the stream, then epoch 1 again from its own loader
-    assert reads == {"yolov8n": (2, 0), "yolo11n": (2, 1)}
-    rows = {row[0]: row for row in _table(r.stdout, 2)}
-    assert rows["yolov8n"][5] == "2" and rows["yolo11n"][5] == "2"
+    assert fired == {"at": 1} and recovered == [("yolo11n", 1)] and oom == [4]
+    # yolo11n read epochs 0 and 1 from the stream, then epoch 1 again from its own loader; yolo26n trained on at
+    # batch 2 from a loader of its own
+    assert reads == {"yolov8n": (2, 0), "yolo11n": (2, 1), "yolo26n": ("own loader", 2)}
+    rows = {row[0]: row for row in _table(r.stdout, 3)}
+    assert rows["yolov8n"][5] == "2" and rows["yolo11n"][5] == "2" and rows["yolo26n"][5] == "2"
     r = run_cli("train", "--student", "yolov8n.yaml", "--cache", cache, *COMMON, "--project", tmp_path / "alone", "--name", "v8")
     assert r.exit_code == 0, (r.output[-3000:], r.exception)
     _assert_same_weights(tmp_path / "c" / "yolov8n" / "weights" / "last.pt", tmp_path / "alone" / "v8" / "weights" / "last.pt")
@@ -286,3 +299,35 @@ def test_the_stream_holds_batches_for_members_yet_to_arrive_and_bounds_the_lag()
     assert got == [3] and loader.drawn == 3
     with pytest.raises(ValueError, match="not a member"):
         stream.view("c", lambda: loader)
+
+
+def test_an_online_cohort_runs_the_teacher_once_per_batch_and_shares_the_batch(tmp_path, dataset, monkeypatch):
+    from softlabel.teacher import Teacher, save_checkpoint_from_yaml
+
+    teacher = save_checkpoint_from_yaml("yolov8s.yaml", ["square", "disc", "bar"], tmp_path / "yolov8s.pt")
+    calls, images = [], {}
+    original_call = Teacher.__call__
+
+    def counted(self, img):
+        calls.append(img.shape[0])
+        return original_call(self, img)
+
+    original_preprocess = DistillTrainer.preprocess_batch
+
+    def seen(self, batch):
+        out = original_preprocess(self, batch)
+        images.setdefault(self.cohort_member, []).append(out["img"].data_ptr())
+        return out
+
+    monkeypatch.setattr(Teacher, "__call__", counted)
+    monkeypatch.setattr(DistillTrainer, "preprocess_batch", seen)
+    online = ("--teacher", teacher, "--data", dataset, "--imgsz", IMGSZ, "--views", 2, *COMMON)
+    r = run_cli("train", "--cohort", "--student", "yolov8n.yaml", "--student", "yolo26n.yaml", *online, "--project", tmp_path, "--name", "c")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    assert len(calls) == 6  # 12 images in batches of 4, 2 epochs: once per batch, not once per student
+    assert images["yolov8n"] == images["yolo26n"]  # one device copy of each batch, shared
+    calls.clear()
+    r = run_cli("train", "--student", "yolov8n.yaml", *online, "--project", tmp_path / "alone", "--name", "v8")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    assert len(calls) == 6
+    _assert_same_weights(tmp_path / "c" / "yolov8n" / "weights" / "last.pt", tmp_path / "alone" / "v8" / "weights" / "last.pt")
