@@ -199,6 +199,36 @@ def test_a_student_that_repeats_an_epoch_or_halves_its_batch_reads_alone_and_the
     _assert_same_weights(tmp_path / "c" / "yolov8n" / "weights" / "last.pt", tmp_path / "alone" / "v8" / "weights" / "last.pt")
 
 
+def test_a_student_out_of_memory_after_its_first_epoch_finishes_alone_after_the_others(tmp_path, cache, monkeypatch):
+    original_preprocess = DistillTrainer.preprocess_batch
+    oom, order = [], []
+
+    def out_of_memory_in_epoch_1(self, batch):
+        if self.cohort_member == "yolo26n" and self.epoch == 1 and not oom:
+            oom.append(self.epoch)  # Ultralytics halves the batch only in the first epoch: this one it raises
+            raise RuntimeError("CUDA out of memory (simulated on the CPU)")
+        return original_preprocess(self, batch)
+
+    original_final = DistillTrainer.final_eval
+
+    def final_eval(self):
+        order.append((self.cohort_member, self.args.name))
+        return original_final(self)
+
+    monkeypatch.setattr(DistillTrainer, "preprocess_batch", out_of_memory_in_epoch_1)
+    monkeypatch.setattr(DistillTrainer, "final_eval", final_eval)
+    r = run_cli("train", "--cohort", "--student", "yolov8n.yaml", "--student", "yolo26n.yaml", "--cache", cache, *COMMON,
+                "--project", tmp_path, "--name", "c")
+    assert r.exit_code == 0, (r.output[-3000:], r.exception)
+    assert oom == [1]
+    # yolov8n finished in the cohort; yolo26n went on alone (no cohort member) from its epoch-0 last.pt afterwards
+    assert order == [("yolov8n", "yolov8n"), (None, "yolo26n")]
+    rows = {row[0]: " ".join(row) for row in _table(r.stdout, 2)}
+    assert "(done, alone after running out of memory)" in rows["yolo26n"] and rows["yolo26n"].split()[5] == "2"
+    with open(tmp_path / "c" / "yolo26n" / "results.csv") as f:
+        assert [int(float(row["epoch"])) for row in csv.DictReader(f)] == [1, 2]
+
+
 def test_an_interrupted_cohort_resumes_every_student_where_it_stopped(tmp_path, cache, monkeypatch):
     original_save = DistillTrainer.save_model
     state = {"interrupt": True}

@@ -43,13 +43,6 @@ class Member:
     overrides: dict[str, Any] = field(default_factory=dict)  # Ultralytics arguments and MEMBER_SETTINGS of its own
 
 
-@dataclass
-class MemberResult:
-    name: str
-    status: str  # done | failed | stopped early
-    error: str = ""
-
-
 def parse_sweep(text: str) -> tuple[str, list[str]]:
     """'lr0=0.01,0.005' -> ('lr0', ['0.01', '0.005'])."""
     key, sep, values = text.partition("=")
@@ -201,31 +194,36 @@ def train_cohort(members: list[Member], settings: dict[str, Any], args: dict[str
     outcome: dict[str, Any] = {}
     lock = threading.Lock()
 
-    def run(member: Member) -> None:
-        turn = turns.turn()
+    def run(member: Member, alone: bool = False) -> None:
+        turn = None if alone else turns.turn()
         start = time.time()
         try:
-            turn.begin()
+            cohort = {} if alone else dict(cohort=stream, cohort_member=member.name, cohort_shared=shared, cohort_turn=turn)
+            if turn is not None:
+                turn.begin()
             own = {k: v for k, v in member.overrides.items() if k not in MEMBER_SETTINGS}
-            trainer = make_trainer(**{**settings, **{k: v for k, v in member.overrides.items() if k in MEMBER_SETTINGS}},
-                                   cohort=stream, cohort_member=member.name, cohort_shared=shared, cohort_turn=turn)
-            model = models[member.name]
+            trainer = make_trainer(**{**settings, **{k: v for k, v in member.overrides.items() if k in MEMBER_SETTINGS}}, **cohort)
+            model = resolve_student(str(_last(folder, member))) if alone else models[member.name]
             if _last(folder, member).is_file():  # an earlier run stopped here: Ultralytics resumes it with its own settings
                 metrics = model.train(trainer=trainer, resume=True)
             else:
                 metrics = model.train(trainer=trainer, **{**args, **own, "project": str(folder), "name": member.name, "exist_ok": True})
             row = result_of(member.name, model, metrics, int(args.get("imgsz", 640)), time.time() - start)
             stopped = model.trainer.epoch + 1 < model.trainer.epochs
+            status = "stopped early" if stopped else "done"
             with lock:
-                outcome[member.name] = (row, "stopped early" if stopped else "done", "")
+                outcome[member.name] = (row, f"{status}, alone after running out of memory" if alone else status, "")
         except BaseException as e:  # noqa: BLE001 - one student's failure must not stop the others
-            echo(f"cohort: {member.name} failed: {type(e).__name__}: {e}")
+            oom = "out of memory" in str(e).lower() and not alone and _last(folder, member).is_file()
+            echo(f"cohort: {member.name} failed: {type(e).__name__}: {e}" + ("; it resumes alone when the others are done" if oom else ""))
             with lock:
-                outcome[member.name] = (None, "failed", "".join(traceback.format_exception_only(type(e), e)).strip())
+                outcome[member.name] = (None, "out of memory" if oom else "failed",
+                                        "".join(traceback.format_exception_only(type(e), e)).strip())
             (folder / member.name).mkdir(parents=True, exist_ok=True)
             (folder / member.name / "error.txt").write_text(traceback.format_exc())
         finally:
-            turn.end()
+            if turn is not None:
+                turn.end()
             stream.leave(member.name)
 
     threads = [threading.Thread(target=run, args=(m,), name=f"softlabel-{m.name}", daemon=True) for m in todo]
@@ -237,6 +235,12 @@ def train_cohort(members: list[Member], settings: dict[str, Any], args: dict[str
                 t.join(0.5)  # a short wait keeps Ctrl-C working in the main thread
     finally:
         stream.close()
+    # a student that ran out of memory beside the others (after the first epoch, where Ultralytics no longer halves
+    # the batch) continues alone from its last.pt once they are done and their memory is free
+    for m in todo:
+        if outcome.get(m.name, (None, ""))[1] == "out of memory":
+            echo(f"cohort: {m.name} resumes alone from {_last(folder, m)}")
+            run(m, alone=True)
     rows = []
     for m in members:
         if m.name in done:
@@ -245,6 +249,7 @@ def train_cohort(members: list[Member], settings: dict[str, Any], args: dict[str
         row, status, error = outcome.get(m.name, (None, "failed", "did not start"))
         if row is None:
             row = StudentResult.failed(m.name, str(folder / m.name), error)
+            status = "failed"
         row.status = status
         rows.append(row)
     return rows
