@@ -35,7 +35,7 @@ import numpy as np
 
 from storage import LOSS_LIMIT, _fidelity, _subset
 
-# name -> (head_topk, head_floor); every candidate is int8 with sparse features and the default feature rows
+# name -> (head_topk, head_floor[, precision]); int8 unless named, with sparse features and the default feature rows
 # (what the default feature term reads), as the default store
 CANDIDATES = {
     "top64": (64, 0.0),
@@ -48,6 +48,9 @@ CANDIDATES = {
     "floor.01-cap256": (256, 0.01),
     "floor.005-cap256": (256, 0.005),
     "floor.005-cap512": (512, 0.005),
+    "floor.002-cap512": (512, 0.002),
+    "floor.001-cap512": (512, 0.001),
+    "floor.005-cap512-float16": (512, 0.005, "float16"),  # the default rule without int8's rounding
 }
 TERMS = ("kd_cls", "kd_box", "kd_feat", "total")
 
@@ -156,17 +159,18 @@ def main() -> None:
     try:
         subset = _subset(Path(args.data), args.images, work)
         for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
-            topk, floor = CANDIDATES[name]
+            topk, floor, *rest = CANDIDATES[name]
+            precision = rest[0] if rest else "int8"
             out = str(work / f"{name}.zarr")
             t = time.perf_counter()
             run_dump(DumpSettings(teacher=args.teacher, data=str(subset), out=out, views=1, close_views=0, imgsz=args.imgsz,
-                                  batch=args.batch, workers=1, progress=False, augment=args.augment, precision="int8",
+                                  batch=args.batch, workers=1, progress=False, augment=args.augment, precision=precision,
                                   head_topk=topk, head_floor=floor, feature_rows=min(DEFAULT_FEATURE_ROWS, topk), branch=args.teacher_branch))
             seconds = time.perf_counter() - t
             totals = summarize(out)["bytes_per_sample_view_total"]
             kept = kept_anchors(out)
             fidelity = _fidelity(out, Path(args.teacher), subset, args.student, args.fidelity_samples)
-            results[name] = {"head_topk": topk, "head_floor": floor, "kept_anchors": kept,
+            results[name] = {"head_topk": topk, "head_floor": floor, "precision": precision, "kept_anchors": kept,
                              "kept_share": kept["mean"] / anchors, "head_bytes_per_sample_view": totals["head"],
                              "feat_bytes_per_sample_view": totals["feat"], "loss_rel_error": fidelity["total"]["max"],
                              "loss_rel_error_per_term": fidelity, "dump_seconds": seconds}
@@ -178,6 +182,7 @@ def main() -> None:
     same = {k: previous.get("settings", {}).get(k) for k in ("teacher", "data", "imgsz", "images", "augment", "teacher_branch", "student")}
     if same == {k: getattr(args, k) for k in same}:
         results = {**previous.get("candidates", {}), **results}
+        built = built or previous.get("built", {})  # the run that drew the data and trained the teacher said how
     chosen = {
         "total": smallest(results, lambda r: r["loss_rel_error"] <= LOSS_LIMIT),
         "every_term": smallest(results, lambda r: all(r["loss_rel_error_per_term"][t]["max"] <= LOSS_LIMIT for t in TERMS)),
