@@ -3,7 +3,8 @@
 plan (which view an epoch replays), sampler (the epoch-carrying order), dataset (replayed samples
 plus teacher tensors, and their collate), trainer (the DetectionTrainer subclass that wraps the
 student with its distillation terms), checkpoint (best.pt as a plain student), cachecheck (what a
-trainer refuses), runner (several students, one table).
+trainer refuses), runner (several students in turn, one table), stream (one batch stream that several
+trainers read) and cohort (students trained at once on it, sweeps, the cohort folder and its resume).
 """
 
 from softlabel.student import resolve_student
