@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="cohort sizes N (default: 1 2 4)")
     p.add_argument("--teacher-cfg", default="yolov8x.yaml", help="teacher yaml, random weights calibrated to the typical kept "
                    "anchors (default: yolov8x.yaml)")
+    p.add_argument("--device", default="cpu", help="training device: cpu, 0, cuda:N (default: cpu)")
     p.add_argument("--out", default=str(common.RESULTS / "cohort.json"), help="result JSON (default: benchmarks/results/cohort.json)")
     p.add_argument("--modes", nargs="+", default=["in_turn", "cohort"], choices=["in_turn", "cohort"], help="(default: both)")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, N = 1 2")
@@ -107,7 +108,7 @@ def run_job(spec: dict) -> dict:
     students = FAMILY[: spec["n"]]
     settings = {"cache": spec["cache"]}
     args = dict(data=spec["data"], epochs=spec["epochs"], imgsz=spec["imgsz"], batch=spec["batch"], workers=0, seed=0, close_mosaic=0,
-                plots=False, device="cpu", val=False, exist_ok=True, project=spec["project"], name="run")
+                plots=False, device=spec["device"], val=False, exist_ok=True, project=spec["project"], name="run")
     start = time.perf_counter()
     if spec["mode"] == "cohort":
         rows = run_cohort(students, [], settings, args, echo=lambda *a: None)
@@ -118,7 +119,15 @@ def run_job(spec: dict) -> dict:
     return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"], "collate_cpu_seconds": clock["collate_seconds"],
             "samples_replayed": clock["samples"],
             "data_cpu_seconds_per_student_sample": clock["seconds"] / (spec["n"] * per_student),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "statuses": [r.status for r in rows]}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": peak_device_mb(),
+            "statuses": [r.status for r in rows]}
+
+
+def peak_device_mb() -> float | None:
+    """The most CUDA memory torch held at once in this process, or None on a CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 def gpu_projection(results: dict, counts: list[int]) -> dict:
@@ -152,15 +161,15 @@ def main() -> None:
             raise SystemExit("cohort.py: give one --images per --imgsz")
         for imgsz, images in zip(args.imgsz, args.images):
             data = common.make_data(work / f"data{imgsz}", images, 4, imgsz, nc=args.nc)
-            teacher, _ = common.make_kept_teacher(args.teacher_cfg, data, work / f"teacher{imgsz}.pt", imgsz, None)
+            teacher, _ = common.make_kept_teacher(args.teacher_cfg, data, work / f"teacher{imgsz}.pt", imgsz, None, args.device)
             cache = work / f"cache{imgsz}.zarr"
             run_dump(DumpSettings(teacher=str(teacher), data=str(data), out=str(cache), views=1, close_views=0, imgsz=imgsz,
-                                  batch=args.batch, workers=1, progress=False))
+                                  batch=args.batch, workers=1, progress=False, device=args.device))
             size: dict = {}
             for n in args.counts:
                 for mode in args.modes:
                     spec = {"n": n, "mode": mode, "cache": str(cache), "data": str(data), "imgsz": imgsz, "batch": args.batch,
-                            "epochs": args.epochs, "images": images, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
+                            "epochs": args.epochs, "images": images, "device": args.device, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
                             "result": str(work / "job.json")}
                     (work / "spec.json").write_text(json.dumps(spec))
                     subprocess.run([sys.executable, __file__, "--job", str(work / "spec.json")], check=True,
@@ -189,7 +198,7 @@ def main() -> None:
                          None if off is None else 100 * off, t["peak_rss_mb"], c["peak_rss_mb"]])
     projection = gpu_projection(results, args.counts)
     within = all(v is not None and abs(v) <= 0.10 for v in checks.values())
-    payload = {**common.header("cpu"), "settings": {k: v for k, v in vars(args).items() if k != "job"}, "students": FAMILY,
+    payload = {**common.header(args.device), "settings": {k: v for k, v in vars(args).items() if k != "job"}, "students": FAMILY,
                "results": results, "one_over_n_error": checks, "one_over_n_within_10pct": within,
                "gpu_projection": {"assumed_gpu_step_images_per_second": ASSUMED_GPU_STEP_RATE, "by_imgsz": projection}}
     for imgsz, p in projection.items():

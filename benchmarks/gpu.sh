@@ -14,9 +14,11 @@
 #                                                                           -> benchmarks/results/gpu-speed.json
 #   6. if time allows: step 3 with a YOLO26 teacher (yolo26x)              -> benchmarks/results/gpu-dump-yolo26.json
 #      and step 5 for a yolo26n student (plain, offline) from yolo26x     -> benchmarks/results/gpu-speed-yolo26.json
+#   7. if time allows: a cohort of N = 1, 2, 4 students against the same in turn (benchmarks/cohort.py at 640 px)
+#                                                                           -> benchmarks/results/gpu-cohort.json
 #   and a summary naming the device (torch.cuda.get_device_name, or cpu)   -> benchmarks/results/gpu.json
 # Every JSON names the device. A failing test, command or step is recorded and the next step runs; the script then
-# exits 1. With OUT set, the JSON files and the tests' log are copied there (8 files).
+# exits 1. With OUT set, the JSON files and the tests' log are copied there (9 files).
 #
 # Sizes, from estimates for one H200 with 16 CPU cores (not yet measured there; gpu.json records when each step
 # started, to set them from): wheels and imports ~15 s; 1: ~90 s (two tiny teachers trained on the CPU, small dumps
@@ -82,7 +84,7 @@ fi
 RESULTS=benchmarks/results
 if [[ "$SMOKE" == "1" ]]; then
     DEVICE=cpu; IMGSZ=64; TEACHER=yolov8n.yaml; TEACHER26=yolo26n.yaml; BATCH=8
-    DUMP_IMAGES=16; READ_IMAGES=16; SPEED_IMAGES=16; CLI_IMAGES=16; VAL_IMAGES=4
+    DUMP_IMAGES=16; READ_IMAGES=16; SPEED_IMAGES=16; CLI_IMAGES=16; VAL_IMAGES=4; COHORT_IMAGES=8
     RESULTS=$(mktemp -d)
     # record every module each Python process of the steps imports (checked at the end)
     IMPORTS="$RESULTS/imports"; mkdir -p "$IMPORTS/log"
@@ -90,13 +92,14 @@ if [[ "$SMOKE" == "1" ]]; then
     export GPU_IMPORTS_LOG="$IMPORTS/log" PYTHONPATH="$IMPORTS/hook:$PYTHONPATH"
 else
     DEVICE=0; IMGSZ=640; TEACHER=yolov8x.yaml; TEACHER26=yolo26x.yaml; BATCH=32
-    DUMP_IMAGES=512; READ_IMAGES=256; SPEED_IMAGES=500; CLI_IMAGES=256; VAL_IMAGES=16
+    DUMP_IMAGES=512; READ_IMAGES=256; SPEED_IMAGES=500; CLI_IMAGES=256; VAL_IMAGES=16; COHORT_IMAGES=256
 fi
 EPOCHS=3          # speed.py times the epochs between the first and the last
 CLI_EPOCHS=2      # the user's train commands: one mosaic epoch, one closing epoch
 BUDGET=480        # seconds for the whole script on the GPU machine
 DUMP26_EST=60     # step 6's parts: data, teacher built and calibrated, dump and forward passes of 512 images
 SPEED26_EST=90    # data, teacher, dump of 500 images, two 3-epoch student runs
+COHORT_EST=150    # step 7: data, teacher, dump of 256 images, 6 jobs of 1-4 students for 2 epochs, each in a new process
 CORES=$(nproc)
 TRAIN_WORKERS=$(( CORES < 8 ? CORES : 8 ))
 mkdir -p "$RESULTS"
@@ -211,6 +214,13 @@ if fits "$SPEED26_EST"; then
 else
     SKIPPED+=("speed-yolo26: $(elapsed) s spent, its estimate $SPEED26_EST s would pass the budget of $BUDGET s")
 fi
+if fits "$COHORT_EST"; then
+    step "7/7 a cohort of N = 1, 2, 4 students against the same in turn ($COHORT_IMAGES images at $IMGSZ px)"
+    bench cohort python3 benchmarks/cohort.py --device "$DEVICE" --imgsz "$IMGSZ" --images "$COHORT_IMAGES" --batch "$BATCH" \
+        --teacher-cfg "$TEACHER" --out "$RESULTS/gpu-cohort.json"
+else
+    SKIPPED+=("cohort: $(elapsed) s spent, its estimate $COHORT_EST s would pass the budget of $BUDGET s")
+fi
 
 step "summary"
 printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$SCRATCH/skipped.txt"
@@ -223,7 +233,7 @@ import common
 results, scratch, device = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 smoke, polars, seconds = sys.argv[4] == "1", sys.argv[5], int(sys.argv[6])
 names = {"cli": "gpu-cli", "dump": "gpu-dump", "dump_yolo26": "gpu-dump-yolo26", "read": "gpu-read", "speed": "gpu-speed",
-         "speed_yolo26": "gpu-speed-yolo26"}
+         "speed_yolo26": "gpu-speed-yolo26", "cohort": "gpu-cohort"}
 parts = {k: json.loads((results / f"{v}.json").read_text()) for k, v in names.items() if (results / f"{v}.json").is_file()}
 try:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -254,6 +264,7 @@ summary = {
     "dump": {k: dump(parts[k]) for k in ("dump", "dump_yolo26") if k in parts},
     "read": strip(parts["read"]) if "read" in parts else None,
     "speed": {k: strip(parts[k]) for k in ("speed", "speed_yolo26") if k in parts},
+    "cohort": {k: parts["cohort"][k] for k in ("results", "one_over_n_error", "gpu_projection")} if "cohort" in parts else None,
     "skipped": lines("skipped.txt"),
     "failed": lines("failed.txt"),
     "parts": {k: str(results / f"{names[k]}.json") for k in parts},
@@ -267,7 +278,7 @@ short = {"device": summary["device"], "seconds": seconds, "cuda_tests": summary[
 print(json.dumps(short, indent=2))
 print(f"written to {results / 'gpu.json'}")
 PY
-if [[ -n "${OUT:-}" ]]; then cp "$RESULTS"/gpu*.json "$SCRATCH/gpu-tests.log" "$OUT"/ || true; fi  # 8 files at most
+if [[ -n "${OUT:-}" ]]; then cp "$RESULTS"/gpu*.json "$SCRATCH/gpu-tests.log" "$OUT"/ || true; fi  # 9 files at most
 
 if [[ "$SMOKE" == "1" ]]; then
     step "the modules the steps imported, against the wheel list and the GPU image"
