@@ -264,8 +264,6 @@ def train(overrides, students, cohort, sweeps, cache, teacher, data, epochs, dis
     if cohort:
         from softlabel.train.cohort import run_cohort
 
-        if extra.get("resume"):
-            raise UserError("resume=COHORT_FOLDER with --cohort")
         rows = run_cohort(list(students), list(sweeps), settings, args, echo=click.echo)
     else:
         rows = train_students(list(students), settings, **args)

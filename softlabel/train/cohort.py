@@ -174,11 +174,12 @@ def read_manifest(folder: str | Path) -> tuple[list[Member], dict[str, Any], dic
 
 
 def train_cohort(members: list[Member], settings: dict[str, Any], args: dict[str, Any], folder: Path,
-                 done: dict[str, dict] | None = None, echo=print) -> list:
+                 done: dict[str, dict] | None = None, echo=print, loaded: dict[str, Any] | None = None) -> list:
     """Train the members at once on one batch stream, in `folder` (written by write_manifest first).
 
     `done`: results of members an earlier run of this cohort finished; they are reported, not trained again.
-    A member with a last.pt in its run folder resumes from it. Returns runner.StudentResult rows in member order."""
+    A member with a last.pt in its run folder resumes from it. `loaded`: models already built, by member name.
+    Returns runner.StudentResult rows in member order."""
     from softlabel.student import resolve_student
     from softlabel.train.runner import StudentResult, result_of
     from softlabel.train.stream import BatchSlot, SharedStream
@@ -187,7 +188,9 @@ def train_cohort(members: list[Member], settings: dict[str, Any], args: dict[str
     done = dict(done or {})
     todo = [m for m in members if m.name not in done]
     # every student loads before any trains: from its last.pt where an earlier run of the cohort left one
-    models = {m.name: resolve_student(str(_last(folder, m)) if _last(folder, m).is_file() else m.student) for m in todo}
+    loaded = loaded or {}
+    models = {m.name: loaded.get(m.name) or resolve_student(str(_last(folder, m)) if _last(folder, m).is_file() else m.student)
+              for m in todo}
     stream = SharedStream([m.name for m in todo])
     shared = BatchSlot()  # what every student uses once per cohort: the live teacher
     turns = SetupTurns(len(todo))
@@ -259,25 +262,23 @@ def run_cohort(students: list[str], sweeps: list[str], settings: dict[str, Any],
                resume: str | None = None, echo=print) -> list:
     """The `softlabel train --cohort` command: check every student up front, make (or reopen, with `resume`) the
     cohort folder, train, and record each finished student in the manifest."""
-    from softlabel.student import resolve_student
-    from softlabel.train.cachecheck import check_student_fits
-    from softlabel.train.runner import teacher_head
+    from softlabel.train.runner import load_students
 
+    loaded: dict[str, Any] = {}
     if resume:
         folder = Path(resume)
         members, settings, args, done = read_manifest(folder)
         echo(f"cohort: resuming {folder} ({len(done)} of {len(members)} students finished)")
     else:
         members = expand_members(students, sweeps)
-        where, teacher = teacher_head(settings)
-        for m in members:  # a bad student is refused before any trains or any folder is made
-            check_student_fits(m.student, resolve_student(m.student).model, teacher, where)
+        # a bad student is refused before any trains or any folder is made; each member gets a model of its own
+        loaded = dict(zip([m.name for m in members], load_students([m.student for m in members], settings)))
         folder = cohort_folder(args.get("project"), args.get("name"))
         args = {k: v for k, v in args.items() if k not in ("project", "name", "exist_ok")}
         done = {}
         write_manifest(folder, members, settings, args)
         echo(f"cohort: {len(members)} students on one batch stream in {folder}")
-    rows = train_cohort(members, settings, args, folder, done, echo)
+    rows = train_cohort(members, settings, args, folder, done, echo, loaded)
     finished = {r.student: asdict(r) for r in rows if r.status != "failed"}
     write_manifest(folder, members, settings, args, finished)
     return rows

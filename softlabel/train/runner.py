@@ -49,14 +49,21 @@ def result_of(name: str, model, metrics, imgsz: int, seconds: float) -> StudentR
     )
 
 
+def load_students(students: list[str], trainer_settings: dict[str, Any]) -> list:
+    """Every student loaded and checked before any trains: a bad name, or a student that cannot learn from this
+    teacher, is refused in one line and no run folder is made."""
+    models = [resolve_student(s) for s in students]
+    where, teacher = teacher_head(trainer_settings)
+    for student, model in zip(students, models):
+        check_student_fits(student, model.model, teacher, where)
+    return models
+
+
 def train_students(students: list[str], trainer_settings: dict[str, Any], **train_args: Any) -> list[StudentResult]:
     """Train each student in turn against the same teacher source; Ultralytics' arguments pass through."""
     import time
 
-    models = [resolve_student(s) for s in students]  # refuse a bad name before any training starts
-    where, teacher = teacher_head(trainer_settings)
-    for student, model in zip(students, models):  # and a student that cannot learn from this teacher
-        check_student_fits(student, model.model, teacher, where)
+    models = load_students(students, trainer_settings)
     trainer = make_trainer(**trainer_settings)
     results = []
     for student, model in zip(students, models):

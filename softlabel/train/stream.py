@@ -78,11 +78,6 @@ class SharedStream:
         self._left: set[str] = set()
         self._fetching = False
 
-    @property
-    def draws(self) -> int:
-        """Batches drawn from the loader so far."""
-        return self._drawn
-
     def view(self, member: str, factory: LoaderFactory) -> "StreamView":
         """A member's train loader. The first view's factory builds the stream's loader."""
         with self._cond:
@@ -126,10 +121,6 @@ class SharedStream:
                 self._left.add(member)
                 self._drop_taken()
                 self._cond.notify_all()
-
-    def members(self) -> list[str]:
-        with self._cond:
-            return list(self._positions)
 
     def _slowest(self) -> int:
         return min((0 if p is None else p for p in self._positions.values()), default=self._drawn)
