@@ -180,19 +180,30 @@ def anchors(imgsz: int, strides: tuple[int, ...] = (8, 16, 32)) -> int:
     return sum((imgsz // s) ** 2 for s in strides)
 
 
-def typical_kept(imgsz: int = 640) -> int:
-    """Anchors a trained teacher keeps per image under the dump's default rule, at this image size: the mean
-    topk.py measured at 640 px on scenes of COCO's density, as a share of the anchors."""
+# where benchmarks/topk.py's measurement of a trained teacher lies, per box form of the head
+TOPK_RESULTS = {"bins": "topk.json", "distances": "topk-yolo26-one2many.json"}
+
+
+def cfg_reg_max(cfg: str) -> int:
+    """The reg_max of a model yaml (YOLO26: 1; DFL heads: Ultralytics' default 16)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    return int(yaml_model_load(cfg).get("reg_max", 16))
+
+
+def typical_kept(imgsz: int = 640, reg_max: int = 16) -> int:
+    """Anchors a trained teacher keeps per image under the dump's default rule for its head, at this image size: the
+    mean topk.py measured at 640 px on scenes of COCO's density, as a share of the anchors."""
     import json
 
-    from softlabel.dump import DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK
+    from softlabel.dump import DEFAULT_HEAD_TOPK, store_defaults
 
-    name = f"floor{str(DEFAULT_HEAD_FLOOR).lstrip('0')}-cap{DEFAULT_HEAD_TOPK}"
-    path = RESULTS / "topk.json"
+    floor = store_defaults(reg_max).floor
+    path = RESULTS / TOPK_RESULTS["bins" if reg_max > 1 else "distances"]
     d = json.loads(path.read_text()) if path.is_file() else {"candidates": {}}
-    found = d["candidates"].get(name)
+    found = next((c for c in d["candidates"].values() if c["head_topk"] == DEFAULT_HEAD_TOPK and c["head_floor"] == floor), None)
     if not found:
-        raise SystemExit(f"{path} has no {name} candidate: run benchmarks/topk.py, or give --kept")
+        raise SystemExit(f"{path} has no candidate with floor {floor} and cap {DEFAULT_HEAD_TOPK}: run benchmarks/topk.py, or give --kept")
     return max(1, round(found["kept_anchors"]["mean"] / d["anchors"] * anchors(imgsz)))
 
 
@@ -205,7 +216,8 @@ def make_kept_teacher(cfg: str, data_yaml: Path, path: Path, imgsz: int, kept: i
     make_teacher(cfg, data_yaml, path)
     if kept == 0:
         return path, None
-    target = typical_kept(imgsz) if kept is None or kept >= DEFAULT_HEAD_TOPK else kept
+    reg_max = int(torch.load(path, map_location="cpu", weights_only=False)["model"].model[-1].reg_max)
+    target = typical_kept(imgsz, reg_max) if kept is None or kept >= DEFAULT_HEAD_TOPK else kept
     return path, calibrate_teacher(path, data_yaml, imgsz, target, device=device)
 
 
@@ -228,7 +240,7 @@ def kept_stats(store: str) -> dict:
 def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images: int = 16, device: str = "cpu") -> dict:
     """Set a random-weight teacher's batch-norm statistics from the data, scale its class-logit convolutions to a
     spread of about one unit between anchors, then shift their biases by one constant, so that the first `images`
-    training images (their first mosaic view) keep `kept` anchors above the dump's default floor on average;
+    training images (their first mosaic view) keep `kept` anchors above the dump's default floor for the head on average;
     rewrites the checkpoint (float32).
 
     A random head scores every anchor near its prior (about 1e-4), below the floor, so a default store of it keeps
@@ -242,7 +254,7 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
     from softlabel.augment import load_augment
     from softlabel.data import build_index, load_data_yaml
     from softlabel.replay import Replay, View
-    from softlabel.dump import DEFAULT_HEAD_FLOOR, resolve_device
+    from softlabel.dump import resolve_device, store_defaults
     from softlabel.select import logit
     from softlabel.teacher import Teacher
 
@@ -257,9 +269,9 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
         head = torch.cat([h.flatten(2) for h in teacher(x).head], 2)
         return head[:, 4 * teacher.info.reg_max :].float().amax(1).sort(1, descending=True).values
 
-    floor = float(logit(torch.tensor(DEFAULT_HEAD_FLOOR)))
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ckpt["model"].float()
+    floor = float(logit(torch.tensor(store_defaults(int(model.model[-1].reg_max)).floor)))  # the floor of this head's default store
     last = [branch[-1] for branch in model.model[-1].cv3]  # the class-logit convolutions, one per level
     # freshly initialised batch norms shrink the signal layer by layer (neck features of about 1e-7, every anchor's
     # logits equal to the bias): set their statistics from these images, as a trained network's are set from its data

@@ -264,7 +264,8 @@ def measure_640(args) -> None:
     (the first is the typical image and becomes 'default', the others are reported beside it)."""
     import json
 
-    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [common.typical_kept(640), DEFAULT_TOPK]
+    reg_max = common.cfg_reg_max(args.teacher_cfg)
+    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [common.typical_kept(640, reg_max), DEFAULT_TOPK]
     work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
     try:
         data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
@@ -281,7 +282,7 @@ def measure_640(args) -> None:
                    default_by_kept={str(k): v for k, v in stores.items()},
                    default_measured_at=f"640 px, 80 classes, measured, not scaled; the random teacher calibrated so that the "
                                        f"median image keeps {kept[0]} anchors (the mean a trained teacher kept under the "
-                                       "default rule, topk.json) and the dump's defaults")
+                                       f"default rule for its head, {common.TOPK_RESULTS['bins' if reg_max > 1 else 'distances']}) and the dump's defaults")
     common.write_json(path, payload)
     tensors = sorted({t for v in stores.values() for t in v["bytes_per_tensor"]})
     rows = [[t] + [v["bytes_per_tensor"].get(t, 0) / 1e3 for v in stores.values()] for t in tensors]

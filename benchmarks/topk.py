@@ -50,18 +50,20 @@ CANDIDATES = {
     "floor.005-cap512": (512, 0.005),
     "floor.002-cap512": (512, 0.002),
     "floor.001-cap512": (512, 0.001),
-    "floor.005-cap512-float16": (512, 0.005, "float16"),  # the default rule without int8's rounding
+    "floor.005-cap512-float16": (512, 0.005, "float16"),  # the DFL head's default rule without int8's rounding
+    "floor.002-cap512-float16": (512, 0.002, "float16"),
+    "floor.001-cap512-float16": (512, 0.001, "float16"),  # a distance head's default store (softlabel.dumpsettings)
 }
 TERMS = ("kd_cls", "kd_box", "kd_feat", "total")
 
 
-HEADERS = ["candidate", "kept mean", "kept max", "kB/view", "kd_cls %", "kd_box %", "kd_feat %", "total %", "grad cls %", "grad box %"]
+HEADERS = ["candidate", "kept mean", "kept max", "kB/view", "kd_cls %", "kd_box %", "kd_feat %", "total %", "grad cls %", "grad box %", "grad feat %"]
 
 
 def row(name: str, r: dict) -> list:
     err = r["loss_rel_error_per_term"]
     return [name, r["kept_anchors"]["mean"], r["kept_anchors"]["max"], (r["head_bytes_per_sample_view"] + r["feat_bytes_per_sample_view"]) / 1e3,
-            *(100 * err[t]["max"] for t in TERMS), *(100 * err[t]["grad_max"] for t in ("kd_cls", "kd_box"))]
+            *(100 * err[t]["max"] for t in TERMS), *(100 * err[t]["grad_max"] for t in ("kd_cls", "kd_box", "kd_feat"))]
 
 
 def smallest(results: dict, ok) -> str | None:
@@ -186,6 +188,8 @@ def main() -> None:
     chosen = {
         "total": smallest(results, lambda r: r["loss_rel_error"] <= LOSS_LIMIT),
         "every_term": smallest(results, lambda r: all(r["loss_rel_error_per_term"][t]["max"] <= LOSS_LIMIT for t in TERMS)),
+        "every_term_and_gradient": smallest(results, lambda r: all(r["loss_rel_error_per_term"][t][k] <= LOSS_LIMIT
+                                                                   for t in TERMS for k in ("max", "grad_max"))),
     }
     payload = {**common.header("cpu"), "settings": {k: v for k, v in vars(args).items()}, "built": built, "teacher": info_t.to_dict(), "anchors": anchors,
                "loss_limit": LOSS_LIMIT, "candidates": results, "smallest_within_limit": chosen}
@@ -194,7 +198,8 @@ def main() -> None:
     print(common.table(HEADERS, rows,
                        title=f"sparse store candidates at {args.imgsz} px ({anchors} anchors): max over batches of the loss error "
                              "and of the error of its gradient on the student's outputs",
-                       footer=[f"smallest within {100 * LOSS_LIMIT:.0f}%, summed loss: {chosen['total']}; every term: {chosen['every_term']}",
+                       footer=[f"smallest within {100 * LOSS_LIMIT:.0f}%, summed loss: {chosen['total']}; every term: {chosen['every_term']}; "
+                               f"every term and its gradient: {chosen['every_term_and_gradient']}",
                                f"written to {path}"]))
 
 

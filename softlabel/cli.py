@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, default
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, default, describe_defaults
 from softlabel.errors import UserError
 from softlabel.views import DEFAULT_VIEWS, FIT_REPLAYS
 
@@ -92,14 +92,15 @@ def main() -> None:
               help="sparse: feature vectors at the sparse head's first --feature-rows kept anchors only (what the default feature term reads); "
                    "dense: whole feature maps, for configs with cwd, mgd or 'positions: all'.")
 @click.option("--codec", default=default("codec"), show_default=True, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4.")
-@click.option("--precision", default=default("precision"), show_default=True, type=click.Choice(["float16", "bfloat16", "int8"]),
-              help="Stored precision; int8 keeps one scale per sample and channel.")
+@click.option("--precision", default=None, type=click.Choice(["float16", "bfloat16", "int8"]),
+              help="Stored precision; int8 keeps one scale per sample and channel "
+                   f"[default: {describe_defaults('precision')}].")
 @click.option("--head-topk", default=default("head_topk"), show_default=True, type=int,
               help="Sparse head: keep box outputs and class logits only for at most K anchors with the highest teacher score per image; "
                    "the rest read back as background. 0 keeps every anchor (a dense head).")
 @click.option("--head-floor", default=None, type=float,
               help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this "
-                   f"[default: {DEFAULT_HEAD_FLOOR} with a sparse head].")
+                   f"[default with a sparse head: {describe_defaults('floor')}].")
 @click.option("--feature-rows", default=None, type=int,
               help="Sparse features: store feature vectors for the F most confident kept anchors only (1 <= F <= K); "
                    f"a config's 'positions' must not exceed F [default: {DEFAULT_FEATURE_ROWS}, or K if smaller].")

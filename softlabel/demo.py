@@ -200,10 +200,11 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
     head_floor, feature_layout, feature_rows), default when empty. Returns the seconds spent and whether the store was already complete."""
     from softlabel.cache.schema import SCHEMA_VERSION
     from softlabel.dump import DumpSettings, resolve_head, run_dump
-    from softlabel.teacher import file_sha256
+    from softlabel.heads import head_spec
+    from softlabel.teacher import file_sha256, read_checkpoint
 
     augment = recipe.write_augment(store.parent / f"{store.stem}.augment.yaml")
-    head = resolve_head(DumpSettings(teacher="", data="", out="", **storage))
+    head = resolve_head(DumpSettings(teacher="", data="", out="", **storage), head_spec(read_checkpoint(teacher)[0]).reg_max)
     wanted = {"format": MANIFEST_FORMAT, "teacher_sha256": file_sha256(teacher), "data": data_id, "imgsz": recipe.imgsz,
               "views": views, "close_views": close_views, "seed": seed, "augment": augment.read_text(),
               "storage": {"precision": head.precision, "head_topk": head.head_topk, "head_floor": head.head_floor,

@@ -29,7 +29,7 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
 from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
-from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings  # noqa: F401
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings, store_defaults  # noqa: F401
 
 
 @dataclass
@@ -170,12 +170,14 @@ def sparse_features(settings: DumpSettings) -> bool:
     return settings.features and settings.feature_layout == "sparse"
 
 
-def resolve_head(settings: DumpSettings) -> DumpSettings:
-    """Turn the sparse-head defaults into what gets stored: topk None for a dense head, a floor number,
-    the feature rows' count for sparse features (None otherwise)."""
+def resolve_head(settings: DumpSettings, reg_max: int) -> DumpSettings:
+    """Turn the storage defaults into what gets stored for a teacher head with this reg_max: its box form's
+    precision, topk None for a dense head, a floor number, the feature rows' count for sparse features (None otherwise)."""
+    defaults = store_defaults(reg_max)
+    settings.precision = settings.precision or defaults.precision
     settings.head_topk = settings.head_topk or None
     if settings.head_floor is None:
-        settings.head_floor = DEFAULT_HEAD_FLOOR if settings.head_topk else 0.0
+        settings.head_floor = defaults.floor if settings.head_topk else 0.0
     if not (settings.head_topk and sparse_features(settings)):
         settings.feature_rows = None
     elif settings.feature_rows is None:
@@ -197,7 +199,7 @@ def prepare(settings: DumpSettings):
         raise UserError(f"--workers {settings.workers}: must be 0 (replay in the main process) or more")
     if settings.imgsz < 32 or settings.imgsz % 32:
         raise UserError(f"--imgsz {settings.imgsz}: must be a positive multiple of 32")
-    if settings.precision not in PRECISIONS:
+    if settings.precision is not None and settings.precision not in PRECISIONS:
         raise UserError(f"--precision {settings.precision}: valid precisions are {', '.join(PRECISIONS)}")
     if settings.head_topk is not None and settings.head_topk < 0:
         raise UserError("--head-topk must be 0 (a dense head, every anchor) or more")
@@ -217,7 +219,6 @@ def prepare(settings: DumpSettings):
             raise UserError("--feature-rows applies to sparse features (--features sparse) only")
         if not 1 <= settings.feature_rows <= settings.head_topk:
             raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
-    resolve_head(settings)
     codec_choice(settings.codec)
     settings.out = store.resolve_link(settings.out)
     store.require_writable(settings.out, settings.overwrite)
@@ -226,6 +227,7 @@ def prepare(settings: DumpSettings):
     device = resolve_device(settings.device)
     teacher = Teacher.load(settings.teacher, device=device, amp=settings.half, branch=settings.branch)
     info = teacher.info
+    resolve_head(settings, info.reg_max)
     check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)
     unknown = [lvl for lvl in levels if lvl not in info.levels]

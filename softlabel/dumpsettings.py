@@ -8,13 +8,39 @@ from dataclasses import dataclass, fields
 from softlabel.cache.codecs import DEFAULT_CODEC
 from softlabel.views import DEFAULT_VIEWS
 
-# A sparse head keeps up to 512 anchors per image whose teacher score is at least 0.005: at 640 px
+# A sparse head keeps up to 512 anchors per image whose teacher score is at least a floor: at 640 px
 # with a trained teacher every term's loss and gradient stay close to the whole outputs'
 # (benchmarks/topk.py). Feature rows are stored for the 64 most confident of them only, which is
 # what the default feature term reads ('positions: 64'), so a sample-view stays small (README, Storage).
 DEFAULT_HEAD_TOPK = 512
-DEFAULT_HEAD_FLOOR = 0.005
 DEFAULT_FEATURE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class StoreDefaults:
+    """The precision and floor a store takes unless told otherwise, for one box form of the teacher's head."""
+
+    precision: str
+    floor: float
+
+
+# Chosen per box form with benchmarks/topk.py at 640 px on a trained 80-class teacher (README, "Contract 3").
+# DFL bins (YOLOv8, 11, ...): int8 and floor 0.005 keep every term within 1%. Distances (YOLO26): an int8 scale
+# per image and side rounds small boxes' distances (box gradient 20% off), int8 logits and feature rows miss by
+# about 3%, and the weaker scores of its dense branch leave more below 0.005; float16 with floor 0.001 is within 1%.
+STORE_DEFAULTS = {"bins": StoreDefaults("int8", 0.005), "distances": StoreDefaults("float16", 0.001)}
+DEFAULT_HEAD_FLOOR = STORE_DEFAULTS["bins"].floor
+
+
+def store_defaults(reg_max: int) -> StoreDefaults:
+    """The store defaults for a teacher head with this reg_max."""
+    return STORE_DEFAULTS["bins" if reg_max > 1 else "distances"]
+
+
+def describe_defaults(what: str) -> str:
+    """One store default per box form, as the CLI's help shows it: 'int8 for DFL heads, float16 for distance heads'."""
+    return " for DFL heads (YOLOv8, 11, ...), ".join(str(getattr(STORE_DEFAULTS[form], what)) for form in ("bins", "distances")) \
+        + " for distance heads (YOLO26)"
 
 # A teacher too weak to score anchors above the floor keeps none, and the class, box and feature terms,
 # which read the kept anchors, are zero all training long. Measured on the first batch a dump runs,
@@ -40,11 +66,11 @@ class DumpSettings:
     feature_layout: str = "sparse"  # "sparse": rows at the sparse head's kept anchors; "dense": whole maps
     overwrite: bool = False
     codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults (int8, DEFAULT_HEAD_TOPK/FLOOR, DEFAULT_FEATURE_ROWS) keep a 640 px, 80-class YOLOv8x
-    # sample-view small, features included (README, Storage).
-    precision: str = "int8"
+    # The defaults (STORE_DEFAULTS for the teacher's box form, DEFAULT_HEAD_TOPK, DEFAULT_FEATURE_ROWS) keep a
+    # 640 px, 80-class YOLOv8x or yolo26x sample-view small, features included (README, Storage).
+    precision: str | None = None  # None: STORE_DEFAULTS' for the teacher's head
     head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
-    head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: DEFAULT_HEAD_FLOOR
+    head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: STORE_DEFAULTS'
     # sparse features: rows for the first F kept slots; None: DEFAULT_FEATURE_ROWS, or K if that is smaller
     feature_rows: int | None = None
     shard_size: int = 16

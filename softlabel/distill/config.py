@@ -29,6 +29,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # keys a term may carry besides its loss's own arguments, and the targets they apply to
 _FEATURE_KEYS = ("levels", "adapter", "level_balance", "positions")
 _HEAD_KEYS = ("branch",)
+_BOX_KEYS = ("min_confidence",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Term:
     level_balance: str = "equal"  # feature terms: how levels share the term, see FeatureTerm
     positions: int | None = None  # feature terms: the teacher's top-k anchors per image; None means every position
     branch: str = "one2many"  # class and box terms: the end-to-end student's branch(es) taught
+    # box terms: anchors whose teacher confidence is below this read as background, from a store and from a live
+    # teacher alike; at a store's floor the box term reads exactly the anchors the store keeps
+    min_confidence: float = 0.0
 
     @property
     def target(self) -> str:
@@ -72,6 +76,8 @@ class DistillConfig:
                 out[name]["positions"] = "all" if t.positions is None else t.positions
             else:
                 out[name]["branch"] = t.branch
+            if t.target == "box":
+                out[name]["min_confidence"] = t.min_confidence
         out["schedule"] = dataclasses.asdict(self.schedule)
         return out
 
@@ -114,10 +120,10 @@ def _parse_term(name: str, spec: dict[str, Any], source: str) -> Term:
         raise UserError(f"{source}: '{name}': unknown loss '{loss}'; valid losses: {', '.join(sorted(LOSSES))}")
     target = LOSSES[loss].target
     weight = float(spec.pop("weight", 1.0))
-    own, other = (_FEATURE_KEYS, _HEAD_KEYS) if target == "feat" else (_HEAD_KEYS, _FEATURE_KEYS)
+    other = {"feat": (*_HEAD_KEYS, *_BOX_KEYS), "cls": (*_FEATURE_KEYS, *_BOX_KEYS), "box": _FEATURE_KEYS}[target]
     for key in other:
         if key in spec:
-            kinds = "feature terms" if key in _FEATURE_KEYS else "class and box terms"
+            kinds = "feature terms" if key in _FEATURE_KEYS else "box terms" if key in _BOX_KEYS else "class and box terms"
             raise UserError(f"{source}: '{name}': '{key}' applies to {kinds} only (loss '{loss}' distils '{target}')")
     chosen: dict[str, Any] = {}
     if target == "feat":
@@ -136,6 +142,8 @@ def _parse_term(name: str, spec: dict[str, Any], source: str) -> Term:
         chosen["branch"] = str(spec.pop("branch", "one2many"))
         if chosen["branch"] not in STUDENT_BRANCHES:
             raise UserError(f"{source}: '{name}': unknown branch '{chosen['branch']}'; valid: {', '.join(STUDENT_BRANCHES)}")
+    if target == "box":
+        chosen["min_confidence"] = _score(spec.pop("min_confidence", 0.0), "min_confidence", name, source)
     term = Term(loss, weight, spec, **chosen)
     if "channels" not in init_args(loss):  # a loss sized by the teacher's channels (mgd) is checked when built
         try:
@@ -143,6 +151,12 @@ def _parse_term(name: str, spec: dict[str, Any], source: str) -> Term:
         except ValueError as e:
             raise UserError(f"{source}: '{name}': {e}") from None
     return term
+
+
+def _score(raw: Any, key: str, name: str, source: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= raw < 1.0:
+        raise UserError(f"{source}: '{name}': {key} is a teacher score in [0, 1), got {raw!r}")
+    return float(raw)
 
 
 def _positions(raw: Any, name: str, source: str) -> int | None:

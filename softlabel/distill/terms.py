@@ -71,10 +71,12 @@ class ClassTerm(Term):
 class BoxTerm(Term):
     """A box term: on DFL bins when both heads have the same bins, or on ltrb distances decoded from either form."""
 
-    def __init__(self, name: str, weight: float, loss: nn.Module, student: HeadSpec, teacher: HeadSpec):
+    def __init__(self, name: str, weight: float, loss: nn.Module, student: HeadSpec, teacher: HeadSpec,
+                 min_confidence: float = 0.0):
         super().__init__(name, weight, loss)
         self.form = loss.box_form
         self.student_spec, self.teacher_spec = student, teacher
+        self.min_confidence = float(min_confidence)
 
     def forward(self, student: dict[str, Tensor], teacher: TeacherView) -> Tensor:
         t, loss = teacher.batch, self.loss
@@ -88,11 +90,17 @@ class BoxTerm(Term):
             kept = t.head_values()[b, j]
             t_boxes = kept[:, :tb].T[None]
             # a kept anchor's confidence is its own logits' (what the expanded dense teacher holds there)
-            weight = kept[:, tb:].sigmoid().amax(1)[None] if weighted else None
+            confidence = kept[:, tb:].sigmoid().amax(1)[None] if weighted or self.min_confidence else None
         else:
             a = None
             s_boxes, t_boxes = student["boxes"], t.head[:, :tb].float()
-            weight = teacher.confidence if weighted else None
+            confidence = teacher.confidence if weighted or self.min_confidence else None
+        weight = confidence if weighted else None
+        if self.min_confidence:
+            # below the floor an anchor is background on both sides: a store keeps no box there, and the live
+            # teacher's low-confidence boxes would otherwise carry weight a store cannot reproduce
+            above = (confidence >= self.min_confidence).to(confidence.dtype)
+            weight = above if weight is None else weight * above
         if s_boxes.shape[2] == 0:  # no kept anchor in the batch: nothing to distil, and no NaN from an empty mean
             return student["boxes"].sum() * 0.0
         if self.form == "bins":
@@ -234,7 +242,7 @@ def build_term(name: str, spec: Any, config_source: str, student: HeadSpec, teac
             f"{teacher.reg_max} and the student reg_max {student.reg_max}; a box loss on decoded distances "
             f"({alternatives}) teaches across box forms"
         )
-    return BoxTerm(name, spec.weight, loss, student, teacher)
+    return BoxTerm(name, spec.weight, loss, student, teacher, spec.min_confidence)
 
 
 def _build(source: str, name: str, loss: str, options: dict, **extra: Any) -> nn.Module:
