@@ -196,14 +196,14 @@ def typical_kept(imgsz: int = 640, reg_max: int = 16) -> int:
     mean topk.py measured at 640 px on scenes of COCO's density, as a share of the anchors."""
     import json
 
-    from softlabel.dump import DEFAULT_HEAD_TOPK, store_defaults
+    from softlabel.dump import store_defaults
 
-    floor = store_defaults(reg_max).floor
+    floor, cap = store_defaults(reg_max).floor, store_defaults(reg_max).topk
     path = RESULTS / TOPK_RESULTS["bins" if reg_max > 1 else "distances"]
     d = json.loads(path.read_text()) if path.is_file() else {"candidates": {}}
-    found = next((c for c in d["candidates"].values() if c["head_topk"] == DEFAULT_HEAD_TOPK and c["head_floor"] == floor), None)
+    found = next((c for c in d["candidates"].values() if c["head_topk"] == cap and c["head_floor"] == floor), None)
     if not found:
-        raise SystemExit(f"{path} has no candidate with floor {floor} and cap {DEFAULT_HEAD_TOPK}: run benchmarks/topk.py, or give --kept")
+        raise SystemExit(f"{path} has no candidate with floor {floor} and cap {cap}: run benchmarks/topk.py, or give --kept")
     return max(1, round(found["kept_anchors"]["mean"] / d["anchors"] * anchors(imgsz)))
 
 
@@ -211,21 +211,21 @@ def make_kept_teacher(cfg: str, data_yaml: Path, path: Path, imgsz: int, kept: i
                       device: str = "cpu") -> tuple[Path, dict | None]:
     """make_teacher, calibrated (calibrate_teacher, on `device`) to `kept` anchors on a typical image: None, or the cap
     and more, to typical_kept(imgsz); 0: not calibrated."""
-    from softlabel.dump import DEFAULT_HEAD_TOPK
+    from softlabel.dump import store_defaults
 
     make_teacher(cfg, data_yaml, path)
     if kept == 0:
         return path, None
-    reg_max = int(torch.load(path, map_location="cpu", weights_only=False)["model"].model[-1].reg_max)
-    target = typical_kept(imgsz, reg_max) if kept is None or kept >= DEFAULT_HEAD_TOPK else kept
+    reg_max = cfg_reg_max(cfg)
+    target = typical_kept(imgsz, reg_max) if kept is None or kept >= store_defaults(reg_max).topk else kept
     return path, calibrate_teacher(path, data_yaml, imgsz, target, device=device)
 
 
-def kept_dump_options(kept: int | None) -> dict:
-    """The dump's options beside its defaults: --head-floor 0 when every image is to keep the cap."""
-    from softlabel.dump import DEFAULT_HEAD_TOPK
+def kept_dump_options(kept: int | None, reg_max: int = 16) -> dict:
+    """The dump's options beside its defaults for a head with this reg_max: --head-floor 0 when every image is to keep the cap."""
+    from softlabel.dump import store_defaults
 
-    return {"head_floor": 0.0} if kept and kept >= DEFAULT_HEAD_TOPK else {}
+    return {"head_floor": 0.0} if kept and kept >= store_defaults(reg_max).topk else {}
 
 
 def kept_stats(store: str) -> dict:
@@ -294,10 +294,10 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
     ckpt["model"] = model
     torch.save(ckpt, path)
     scores = best_logits(Teacher.load(path, device=dev, amp=False))
-    from softlabel.dump import DEFAULT_HEAD_TOPK
+    cap = store_defaults(int(model.model[-1].reg_max)).topk
 
     def mean_kept(shift: float) -> float:
-        return float((scores + shift >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float().mean())
+        return float((scores + shift >= floor).sum(1).clamp(max=cap).float().mean())
 
     lo, hi = floor - float(scores.max()) - 1, floor - float(scores.min()) + 1  # none kept, every slot kept
     for _ in range(60):  # the mean kept count grows with the shift: bisect for the target
@@ -307,7 +307,7 @@ def calibrate_teacher(path: Path, data_yaml: Path, imgsz: int, kept: int, images
     for conv in last:
         conv.bias += shift
     torch.save(ckpt, path)  # float32: rounding to float16 would move whole bands of near-equal logits across the floor
-    counts = (best_logits(Teacher.load(path, device=dev, amp=False)) >= floor).sum(1).clamp(max=DEFAULT_HEAD_TOPK).float()
+    counts = (best_logits(Teacher.load(path, device=dev, amp=False)) >= floor).sum(1).clamp(max=cap).float()
     return {"kept_target": kept, "weight_scale": 1.0 / max(spread, 1e-6), "bias_shift": shift, "images": len(x),
             "kept_mean": float(counts.mean()), "kept_min": float(counts.min()), "kept_max": float(counts.max())}
 

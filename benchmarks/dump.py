@@ -116,7 +116,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--codecs: unknown {unknown}; choose from {list(CODECS)}")
     # the dump's defaults (int8, sparse head), then every codec x precision with a dense head
-    options: dict[str, dict] = {DEFAULT: {} if args.teacher else common.kept_dump_options(args.kept)}
+    options: dict[str, dict] = {DEFAULT: {} if args.teacher else common.kept_dump_options(args.kept, common.cfg_reg_max(args.teacher_cfg))}
     for codec in [] if args.default_only else codecs:
         for precision in PRECISIONS:
             options[f"{codec}/{precision}"] = dict(codec=codec, precision=precision, head_topk=0, feature_layout="dense")

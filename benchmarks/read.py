@@ -228,7 +228,7 @@ def main() -> None:
             print(f"dumping the cache ({args.images} images, imgsz {args.imgsz}) ...", flush=True)
             run_dump(DumpSettings(teacher=str(teacher), data=data, out=store, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, device=args.device, workers=args.dump_workers, seed=args.seed,
-                                  progress=False, **({} if args.teacher else common.kept_dump_options(args.kept))))
+                                  progress=False, **({} if args.teacher else common.kept_dump_options(args.kept, common.cfg_reg_max(args.teacher_cfg)))))
         attrs = read_attrs(store)
         kept = common.kept_stats(store) if attrs["storage"].get("head_sparse") else None
         if args.threads:

@@ -117,7 +117,7 @@ def main() -> None:
         # the one-time cost: one teacher pass over every view, written to the cache
         settings = DumpSettings(teacher=str(teacher), data=str(data), out=str(store), views=args.views, close_views=0,
                                 imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.dump_workers,
-                                seed=args.seed, progress=False, **common.kept_dump_options(args.kept))
+                                seed=args.seed, progress=False, **common.kept_dump_options(args.kept, common.cfg_reg_max(args.teacher_cfg)))
         with common.Timer() as t:
             run_dump(settings)
         dump_seconds = t.seconds

@@ -225,14 +225,14 @@ def _scaled(info: dict, opts: dict, imgsz: int, nc: int, reg_max: int, feat_valu
     return head, feat
 
 
-def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: int) -> dict:
+def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: int, reg_max: int) -> dict:
     from softlabel.cache.info import summarize
     from softlabel.dump import DumpSettings, run_dump
 
     out = str(work / f"kept{kept}.zarr")
     t = time.perf_counter()
     done = run_dump(DumpSettings(teacher=str(teacher_pt), data=str(data_yaml), out=out, views=1, close_views=0,
-                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_dump_options(kept)))
+                                 imgsz=640, batch=args.batch, workers=1, progress=False, **common.kept_dump_options(kept, reg_max)))
     dump_rate = done.samples_done / (time.perf_counter() - t)
     info = summarize(out)
     per, totals = info["bytes_per_sample_view"], info["bytes_per_sample_view_total"]
@@ -254,7 +254,7 @@ def _measure_store(args, work: Path, data_yaml: Path, teacher_pt: Path, kept: in
         "bytes_per_tensor": per,
         "dump_sample_views_per_sec": dump_rate,
         "measured": {"imgsz": 640, "nc": 80, "teacher": f"{args.teacher_cfg} (random weights, calibrated)", "images": args.images,
-                     "dump_options": common.kept_dump_options(kept) or "the dump's defaults", **common.header("cpu")},
+                     "dump_options": common.kept_dump_options(kept, reg_max) or "the dump's defaults", **common.header("cpu")},
     }
 
 
@@ -265,12 +265,14 @@ def measure_640(args) -> None:
     import json
 
     reg_max = common.cfg_reg_max(args.teacher_cfg)
-    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [common.typical_kept(640, reg_max), DEFAULT_TOPK]
+    from softlabel.dump import store_defaults
+
+    kept = [int(k) for k in args.kept_640.split(",")] if args.kept_640 else [common.typical_kept(640, reg_max), store_defaults(reg_max).topk]
     work = Path(tempfile.mkdtemp(prefix="softlabel-storage640-"))
     try:
         data_yaml = common.make_data(work / "data", args.images, 1, 640, nc=80)
         teacher_pt, calibration = common.make_kept_teacher(args.teacher_cfg, data_yaml, work / "teacher.pt", 640, kept[0])
-        stores = {k: _measure_store(args, work, data_yaml, teacher_pt, k) for k in dict.fromkeys(kept)}
+        stores = {k: _measure_store(args, work, data_yaml, teacher_pt, k, reg_max) for k in dict.fromkeys(kept)}
         for v in stores.values():
             v["teacher_calibration"] = calibration
     finally:

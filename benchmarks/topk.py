@@ -52,7 +52,8 @@ CANDIDATES = {
     "floor.001-cap512": (512, 0.001),
     "floor.005-cap512-float16": (512, 0.005, "float16"),  # the DFL head's default rule without int8's rounding
     "floor.002-cap512-float16": (512, 0.002, "float16"),
-    "floor.001-cap512-float16": (512, 0.001, "float16"),  # a distance head's default store (softlabel.dumpsettings)
+    "floor.001-cap512-float16": (512, 0.001, "float16"),
+    "floor.001-cap1024-float16": (1024, 0.001, "float16"),  # a distance head's default store (softlabel.dumpsettings)
 }
 TERMS = ("kd_cls", "kd_box", "kd_feat", "total")
 

@@ -95,9 +95,9 @@ def main() -> None:
 @click.option("--precision", default=None, type=click.Choice(["float16", "bfloat16", "int8"]),
               help="Stored precision; int8 keeps one scale per sample and channel "
                    f"[default: {describe_defaults('precision')}].")
-@click.option("--head-topk", default=default("head_topk"), show_default=True, type=int,
+@click.option("--head-topk", default=None, type=int,
               help="Sparse head: keep box outputs and class logits only for at most K anchors with the highest teacher score per image; "
-                   "the rest read back as background. 0 keeps every anchor (a dense head).")
+                   f"the rest read back as background. 0 keeps every anchor (a dense head) [default: {describe_defaults('topk')}].")
 @click.option("--head-floor", default=None, type=float,
               help="Sparse head: of those K, keep only anchors whose best class score (sigmoid) is at least this "
                    f"[default with a sparse head: {describe_defaults('floor')}].")

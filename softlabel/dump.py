@@ -29,7 +29,7 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
 from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
-from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings, store_defaults  # noqa: F401
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings, store_defaults  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -175,7 +175,7 @@ def resolve_head(settings: DumpSettings, reg_max: int) -> DumpSettings:
     precision, topk None for a dense head, a floor number, the feature rows' count for sparse features (None otherwise)."""
     defaults = store_defaults(reg_max)
     settings.precision = settings.precision or defaults.precision
-    settings.head_topk = settings.head_topk or None
+    settings.head_topk = (defaults.topk if settings.head_topk is None else settings.head_topk) or None
     if settings.head_floor is None:
         settings.head_floor = defaults.floor if settings.head_topk else 0.0
     if not (settings.head_topk and sparse_features(settings)):
@@ -205,11 +205,11 @@ def prepare(settings: DumpSettings):
         raise UserError("--head-topk must be 0 (a dense head, every anchor) or more")
     if settings.head_floor is not None and not 0.0 <= settings.head_floor < 1.0:
         raise UserError("--head-floor is a score in [0, 1)")
-    if settings.head_floor and not settings.head_topk:
+    if settings.head_floor and settings.head_topk == 0:
         raise UserError("--head-floor needs a sparse head (--head-topk K, K > 0)")
     if settings.feature_layout not in FEATURE_LAYOUTS:
         raise UserError(f"--features {settings.feature_layout}: valid layouts are {', '.join(FEATURE_LAYOUTS)}")
-    if settings.features and settings.feature_layout == "sparse" and not settings.head_topk:
+    if settings.features and settings.feature_layout == "sparse" and settings.head_topk == 0:
         raise UserError(
             "--head-topk 0 stores a dense head, but sparse features are kept at the sparse head's anchors; "
             "give --features dense (whole feature maps), --no-features, or a --head-topk K > 0"
@@ -217,7 +217,7 @@ def prepare(settings: DumpSettings):
     if settings.feature_rows is not None:
         if not sparse_features(settings):
             raise UserError("--feature-rows applies to sparse features (--features sparse) only")
-        if not 1 <= settings.feature_rows <= settings.head_topk:
+        if settings.feature_rows < 1 or settings.head_topk and settings.feature_rows > settings.head_topk:
             raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
     codec_choice(settings.codec)
     settings.out = store.resolve_link(settings.out)
@@ -228,6 +228,8 @@ def prepare(settings: DumpSettings):
     teacher = Teacher.load(settings.teacher, device=device, amp=settings.half, branch=settings.branch)
     info = teacher.info
     resolve_head(settings, info.reg_max)
+    if settings.feature_rows and settings.feature_rows > settings.head_topk:  # the cap is known once the head is
+        raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
     check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)
     unknown = [lvl for lvl in levels if lvl not in info.levels]

@@ -8,28 +8,30 @@ from dataclasses import dataclass, fields
 from softlabel.cache.codecs import DEFAULT_CODEC
 from softlabel.views import DEFAULT_VIEWS
 
-# A sparse head keeps up to 512 anchors per image whose teacher score is at least a floor: at 640 px
+# A sparse head keeps up to a cap of anchors per image whose teacher score is at least a floor: at 640 px
 # with a trained teacher every term's loss and gradient stay close to the whole outputs'
 # (benchmarks/topk.py). Feature rows are stored for the 64 most confident of them only, which is
 # what the default feature term reads ('positions: 64'), so a sample-view stays small (README, Storage).
-DEFAULT_HEAD_TOPK = 512
 DEFAULT_FEATURE_ROWS = 64
 
 
 @dataclass(frozen=True)
 class StoreDefaults:
-    """The precision and floor a store takes unless told otherwise, for one box form of the teacher's head."""
+    """The precision, floor and cap a store takes unless told otherwise, for one box form of the teacher's head."""
 
     precision: str
     floor: float
+    topk: int
 
 
 # Chosen per box form with benchmarks/topk.py at 640 px on a trained 80-class teacher (README, "Contract 3").
-# DFL bins (YOLOv8, 11, ...): int8 and floor 0.005 keep every term within 1%. Distances (YOLO26): an int8 scale
-# per image and side rounds small boxes' distances (box gradient 20% off), int8 logits and feature rows miss by
-# about 3%, and the weaker scores of its dense branch leave more below 0.005; float16 with floor 0.001 is within 1%.
-STORE_DEFAULTS = {"bins": StoreDefaults("int8", 0.005), "distances": StoreDefaults("float16", 0.001)}
+# DFL bins (YOLOv8, 11, ...): int8, floor 0.005, cap 512 keep every term within 1%. Distances (YOLO26): an int8
+# scale per image and side rounds small boxes' distances (box gradient 20% off), int8 logits and feature rows miss
+# by about 3%, and the weaker scores of its dense branch leave more below 0.005; float16 with floor 0.001 is within
+# 1%, and its lower floor passes up to 622 anchors on a crowded image, so its cap is 1024.
+STORE_DEFAULTS = {"bins": StoreDefaults("int8", 0.005, 512), "distances": StoreDefaults("float16", 0.001, 1024)}
 DEFAULT_HEAD_FLOOR = STORE_DEFAULTS["bins"].floor
+DEFAULT_HEAD_TOPK = STORE_DEFAULTS["bins"].topk
 
 
 def store_defaults(reg_max: int) -> StoreDefaults:
@@ -66,10 +68,11 @@ class DumpSettings:
     feature_layout: str = "sparse"  # "sparse": rows at the sparse head's kept anchors; "dense": whole maps
     overwrite: bool = False
     codec: str = DEFAULT_CODEC  # a preset for every tensor, or "head=PRESET,feat=PRESET"
-    # The defaults (STORE_DEFAULTS for the teacher's box form, DEFAULT_HEAD_TOPK, DEFAULT_FEATURE_ROWS) keep a
+    # The defaults (STORE_DEFAULTS for the teacher's box form, DEFAULT_FEATURE_ROWS) keep a
     # 640 px, 80-class YOLOv8x or yolo26x sample-view small, features included (README, Storage).
     precision: str | None = None  # None: STORE_DEFAULTS' for the teacher's head
-    head_topk: int | None = DEFAULT_HEAD_TOPK  # sparse head: anchors kept per image; 0 or None: every anchor
+    head_topk: int | None = None  # sparse head: anchors kept per image; 0: every anchor (a dense head); None: STORE_DEFAULTS'
+    # (after resolve_head, None is a dense head)
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: STORE_DEFAULTS'
     # sparse features: rows for the first F kept slots; None: DEFAULT_FEATURE_ROWS, or K if that is smaller
     feature_rows: int | None = None

@@ -187,19 +187,22 @@ def test_box_floor_reads_the_same_anchors_from_a_store_and_a_live_teacher(weight
 
 
 def test_default_store_follows_the_teachers_box_form(teachers):
-    """int8 and floor 0.005 for a DFL head; float16 and floor 0.001 for a distance head (README, Contract 3)."""
+    """int8, floor 0.005, cap 512 for a DFL head; float16, floor 0.001, cap 1024 for a distance head (README, Contract 3)."""
     from softlabel.dump import DumpSettings, resolve_head
 
-    for reg_max, precision, floor in ((16, "int8", 0.005), (1, "float16", 0.001)):
+    for reg_max, precision, floor, cap in ((16, "int8", 0.005, 512), (1, "float16", 0.001, 1024)):
         s = resolve_head(DumpSettings(teacher="", data="", out=""), reg_max)
-        assert (s.precision, s.head_floor, s.head_topk, s.feature_rows) == (precision, floor, 512, 64)
-        chosen = resolve_head(DumpSettings(teacher="", data="", out="", precision="bfloat16", head_floor=0.01), reg_max)
-        assert (chosen.precision, chosen.head_floor) == ("bfloat16", 0.01)
+        assert (s.precision, s.head_floor, s.head_topk, s.feature_rows) == (precision, floor, cap, 64)
+        chosen = resolve_head(DumpSettings(teacher="", data="", out="", precision="bfloat16", head_floor=0.01, head_topk=64), reg_max)
+        assert (chosen.precision, chosen.head_floor, chosen.head_topk) == ("bfloat16", 0.01, 64)
+        dense = resolve_head(DumpSettings(teacher="", data="", out="", head_topk=0, feature_layout="dense"), reg_max)
+        assert (dense.head_topk, dense.head_floor, dense.feature_rows) == (None, 0.0, None)
     for name, precision in (("yolov8s", "int8"), ("yolo11s", "int8"), ("yolo26s", "float16")):
         attrs = CacheReader(str(teachers[name][1])).attrs
         assert attrs["storage"]["precision"] == precision, name
-        command = attrs["command"]  # the resume command names the precision the defaults chose
+        command = attrs["command"]  # the resume command names what the defaults chose
         assert command[command.index("--precision") + 1] == precision
+        assert command[command.index("--head-topk") + 1] == ("1024" if name == "yolo26s" else "512")
 
 
 def test_min_confidence_is_a_box_term_option():
