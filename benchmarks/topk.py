@@ -35,9 +35,11 @@ import numpy as np
 
 from storage import LOSS_LIMIT, _fidelity, _subset
 
-# name -> (head_topk, head_floor[, precision]); int8 unless named, with sparse features and the default feature rows
-# (what the default feature term reads), as the default store
+# name -> (head_topk, head_floor[, precision[, box_precision]]); int8 with the box outputs beside the logits unless
+# named, with sparse features and the default feature rows (what the default feature term reads), as the default
+# store; "default": every storage option at the dump's default for the teacher's head
 CANDIDATES = {
+    "default": (None, None, None, None),
     "top64": (64, 0.0),
     "top128": (128, 0.0),
     "top256": (256, 0.0),
@@ -53,7 +55,8 @@ CANDIDATES = {
     "floor.005-cap512-float16": (512, 0.005, "float16"),  # the DFL head's default rule without int8's rounding
     "floor.002-cap512-float16": (512, 0.002, "float16"),
     "floor.001-cap512-float16": (512, 0.001, "float16"),
-    "floor.001-cap1024-float16": (1024, 0.001, "float16"),  # a distance head's default store (softlabel.dumpsettings)
+    "floor.001-cap1024-float16": (1024, 0.001, "float16"),
+    "floor.001-cap1024-float16-boxes32": (1024, 0.001, "float16", "float32"),  # a distance head's default store
 }
 TERMS = ("kd_cls", "kd_box", "kd_feat", "total")
 
@@ -152,7 +155,7 @@ def main() -> None:
     args = parse_args()
     built = prepare(args)
     from softlabel.cache.info import summarize
-    from softlabel.dump import DEFAULT_FEATURE_ROWS, DumpSettings, run_dump
+    from softlabel.dump import DEFAULT_FEATURE_ROWS, SAME, DumpSettings, resolve_head, run_dump
     from softlabel.teacher import load_model
 
     _, info_t = load_model(args.teacher, branch=args.teacher_branch)
@@ -162,18 +165,23 @@ def main() -> None:
     try:
         subset = _subset(Path(args.data), args.images, work)
         for name in [c.strip() for c in args.candidates.split(",") if c.strip()]:
-            topk, floor, *rest = CANDIDATES[name]
-            precision = rest[0] if rest else "int8"
+            given = CANDIDATES[name]
+            topk, floor, precision, box = given + (None, None, "int8", SAME)[len(given):]
+            # the options as the dump resolves them for this teacher's head
+            storage = resolve_head(DumpSettings(teacher="", data="", out="", precision=precision, box_precision=box,
+                                                head_topk=topk, head_floor=floor), info_t.reg_max)
+            topk, floor, precision = storage.head_topk, storage.head_floor, storage.precision
             out = str(work / f"{name}.zarr")
             t = time.perf_counter()
             run_dump(DumpSettings(teacher=args.teacher, data=str(subset), out=out, views=1, close_views=0, imgsz=args.imgsz,
                                   batch=args.batch, workers=1, progress=False, augment=args.augment, precision=precision,
-                                  head_topk=topk, head_floor=floor, feature_rows=min(DEFAULT_FEATURE_ROWS, topk), branch=args.teacher_branch))
+                                  box_precision=storage.box_precision or SAME, head_topk=topk, head_floor=floor,
+                                  feature_rows=min(DEFAULT_FEATURE_ROWS, topk), branch=args.teacher_branch))
             seconds = time.perf_counter() - t
             totals = summarize(out)["bytes_per_sample_view_total"]
             kept = kept_anchors(out)
             fidelity = _fidelity(out, Path(args.teacher), subset, args.student, args.fidelity_samples)
-            results[name] = {"head_topk": topk, "head_floor": floor, "precision": precision, "kept_anchors": kept,
+            results[name] = {"head_topk": topk, "head_floor": floor, "precision": precision, "box_precision": storage.box_precision, "kept_anchors": kept,
                              "kept_share": kept["mean"] / anchors, "head_bytes_per_sample_view": totals["head"],
                              "feat_bytes_per_sample_view": totals["feat"], "loss_rel_error": fidelity["total"]["max"],
                              "loss_rel_error_per_term": fidelity, "dump_seconds": seconds}

@@ -92,9 +92,12 @@ def main() -> None:
               help="sparse: feature vectors at the sparse head's first --feature-rows kept anchors only (what the default feature term reads); "
                    "dense: whole feature maps, for configs with cwd, mgd or 'positions: all'.")
 @click.option("--codec", default=default("codec"), show_default=True, help="Compression preset for all tensors (blosc-zstd, blosc-lz4, zstd, none), or per tensor: head=zstd,feat=blosc-lz4.")
-@click.option("--precision", default=None, type=click.Choice(["float16", "bfloat16", "int8"]),
+@click.option("--precision", default=None, type=click.Choice(["float16", "bfloat16", "int8", "float32"]),
               help="Stored precision; int8 keeps one scale per sample and channel "
                    f"[default: {describe_defaults('precision')}].")
+@click.option("--box-precision", default=None, type=click.Choice(["float32", "float16", "bfloat16", "int8", "same"]),
+              help="Sparse head: keep the box outputs in an array of their own at this precision, or 'same': beside the "
+                   f"class logits at --precision [default: {describe_defaults('box_precision')}].")
 @click.option("--head-topk", default=None, type=int,
               help="Sparse head: keep box outputs and class logits only for at most K anchors with the highest teacher score per image; "
                    f"the rest read back as background. 0 keeps every anchor (a dense head) [default: {describe_defaults('topk')}].")
@@ -115,7 +118,7 @@ def main() -> None:
                    "of both branches' class logits) [default: one2many, the dense branch]; ignored for other heads.")
 @click.option("--half/--no-half", default=default("half"), show_default=True,
               help="Run the teacher in float16 (autocast, CUDA only; the store records the precision used).")
-def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, branch, half):
+def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, seed, augment, levels, no_features, feature_layout, codec, precision, box_precision, head_topk, head_floor, feature_rows, shard_size, overwrite, strict, quiet, branch, half):
     """Run the teacher once over replayed augmentations and cache its outputs.
 
     Running the same command again resumes at the first unfinished shard; a store written with
@@ -127,7 +130,7 @@ def dump(teacher, data, out, views, close_views, imgsz, batch, device, workers, 
     settings = DumpSettings(
         teacher=teacher, data=data, out=out, views=views, close_views=close_views, imgsz=imgsz, batch=batch,
         device=device, workers=workers, seed=seed, augment=augment, levels=_levels(levels), features=not no_features, feature_layout=feature_layout,
-        overwrite=overwrite, codec=codec, precision=precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
+        overwrite=overwrite, codec=codec, precision=precision, box_precision=box_precision, head_topk=head_topk, head_floor=head_floor, feature_rows=feature_rows,
         shard_size=shard_size, progress=not quiet, strict=strict, half=half, branch=branch,
     )
     result = run_dump(settings)

@@ -211,6 +211,8 @@ def ensure_cache(store: Path, teacher: Path, data_yaml: Path, data_id: dict, rec
                           "feature_layout": head.feature_layout, "feature_rows": head.feature_rows, "schema": SCHEMA_VERSION}}
     if storage.get("branch"):  # only when chosen, so manifests written before the option existed still match
         wanted["storage"]["branch"] = storage["branch"]
+    if head.box_precision:  # only when apart, for the same reason
+        wanted["storage"]["box_precision"] = head.box_precision
     manifest = store.parent / f"{store.stem}.json"
     same = manifest_matches(manifest, wanted) and store.exists()
     write_manifest(manifest, wanted)

@@ -29,7 +29,7 @@ from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
 from softlabel.select import encode_batch, to_host
 from softlabel.teacher import Teacher, to_model_input
-from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, DumpSettings, store_defaults  # noqa: F401 (re-exported)
+from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, SAME, DumpSettings, store_defaults  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -134,6 +134,8 @@ def _dump_attrs(settings: DumpSettings, teacher_info, spec, index, augment, leve
         "feature_layout": settings.feature_layout if settings.features else None,
         "levels": levels if settings.features else [],
     }
+    if settings.box_precision:  # only when apart: a store from before the option resumes with the same settings
+        storage["box_precision"] = settings.box_precision
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     attrs = build_attrs(teacher, data, aug, storage, softlabel.__version__, created)
     attrs["command"] = dump_command(settings, teacher["path"], str(spec.yaml_path))
@@ -149,7 +151,7 @@ def dump_command(settings: DumpSettings, teacher: str, data: str) -> list[str]:
             "--precision", settings.precision, "--head-topk", settings.head_topk or 0, "--shard-size", settings.shard_size,
             "--codec", settings.codec]
     if settings.head_topk:  # always given: an absent floor would resume with the default one
-        args += ["--head-floor", settings.head_floor]
+        args += ["--head-floor", settings.head_floor, "--box-precision", settings.box_precision or SAME]
     if settings.branch:
         args += ["--teacher-branch", settings.branch]
     if settings.augment:
@@ -176,6 +178,8 @@ def resolve_head(settings: DumpSettings, reg_max: int) -> DumpSettings:
     defaults = store_defaults(reg_max)
     settings.precision = settings.precision or defaults.precision
     settings.head_topk = (defaults.topk if settings.head_topk is None else settings.head_topk) or None
+    box = defaults.box_precision if settings.box_precision is None else settings.box_precision
+    settings.box_precision = None if box == SAME or not settings.head_topk else box
     if settings.head_floor is None:
         settings.head_floor = defaults.floor if settings.head_topk else 0.0
     if not (settings.head_topk and sparse_features(settings)):
@@ -201,6 +205,8 @@ def prepare(settings: DumpSettings):
         raise UserError(f"--imgsz {settings.imgsz}: must be a positive multiple of 32")
     if settings.precision is not None and settings.precision not in PRECISIONS:
         raise UserError(f"--precision {settings.precision}: valid precisions are {', '.join(PRECISIONS)}")
+    if settings.box_precision is not None and settings.box_precision not in (*PRECISIONS, SAME):
+        raise UserError(f"--box-precision {settings.box_precision}: valid precisions are {', '.join((*PRECISIONS, SAME))}")
     if settings.head_topk is not None and settings.head_topk < 0:
         raise UserError("--head-topk must be 0 (a dense head, every anchor) or more")
     if settings.head_floor is not None and not 0.0 <= settings.head_floor < 1.0:

@@ -22,14 +22,18 @@ class StoreDefaults:
     precision: str
     floor: float
     topk: int
+    box_precision: str | None = None  # a sparse head's box outputs apart at this precision; None: beside the logits
 
 
 # Chosen per box form with benchmarks/topk.py at 640 px on a trained 80-class teacher (README, "Contract 3").
 # DFL bins (YOLOv8, 11, ...): int8, floor 0.005, cap 512 keep every term within 1%. Distances (YOLO26): an int8
 # scale per image and side rounds small boxes' distances (box gradient 20% off), int8 logits and feature rows miss
-# by about 3%, and the weaker scores of its dense branch leave more below 0.005; float16 with floor 0.001 is within
-# 1%, and its lower floor passes up to 622 anchors on a crowded image, so its cap is 1024.
-STORE_DEFAULTS = {"bins": StoreDefaults("int8", 0.005, 512), "distances": StoreDefaults("float16", 0.001, 1024)}
+# by about 3%, and the weaker scores of its dense branch leave more below 0.005: float16 with floor 0.001 is within
+# 1%. Its lower floor passes up to 622 anchors on a crowded image, so its cap is 1024. Its distances are kept apart
+# in float32: a box loss on distances (IoU, L1) has a kink where a student's side equals the teacher's, and a
+# float16 step (2**-9 near 2 grid units) puts a side on the other side of it (box gradient 5.9% off at one anchor).
+STORE_DEFAULTS = {"bins": StoreDefaults("int8", 0.005, 512), "distances": StoreDefaults("float16", 0.001, 1024, "float32")}
+SAME = "same"  # --box-precision: the box outputs beside the class logits, at --precision
 DEFAULT_HEAD_FLOOR = STORE_DEFAULTS["bins"].floor
 DEFAULT_HEAD_TOPK = STORE_DEFAULTS["bins"].topk
 
@@ -41,7 +45,7 @@ def store_defaults(reg_max: int) -> StoreDefaults:
 
 def describe_defaults(what: str) -> str:
     """One store default per box form, as the CLI's help shows it: 'int8 for DFL heads, float16 for distance heads'."""
-    return " for DFL heads (YOLOv8, 11, ...), ".join(str(getattr(STORE_DEFAULTS[form], what)) for form in ("bins", "distances")) \
+    return " for DFL heads (YOLOv8, 11, ...), ".join(str(getattr(STORE_DEFAULTS[form], what) or SAME) for form in ("bins", "distances")) \
         + " for distance heads (YOLO26)"
 
 # A teacher too weak to score anchors above the floor keeps none, and the class, box and feature terms,
@@ -71,6 +75,8 @@ class DumpSettings:
     # The defaults (STORE_DEFAULTS for the teacher's box form, DEFAULT_FEATURE_ROWS) keep a
     # 640 px, 80-class YOLOv8x or yolo26x sample-view small, features included (README, Storage).
     precision: str | None = None  # None: STORE_DEFAULTS' for the teacher's head
+    # a sparse head's box outputs apart at this precision, or SAME; None: STORE_DEFAULTS' (after resolve_head, None is SAME)
+    box_precision: str | None = None
     head_topk: int | None = None  # sparse head: anchors kept per image; 0: every anchor (a dense head); None: STORE_DEFAULTS'
     # (after resolve_head, None is a dense head)
     head_floor: float | None = None  # sparse head: minimum teacher score of a kept anchor; None: STORE_DEFAULTS'

@@ -82,6 +82,8 @@ def quantise(x: Tensor, precision: str, reduce: tuple[int, ...]) -> tuple[Tensor
     """x float -> (stored values, int8 scale with the reduced dims kept as 1, or None)."""
     if precision == "float16":
         return x.to(torch.float16), None
+    if precision == "float32":
+        return x.float(), None
     if precision == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16), None  # the raw bits; the host reads them as uint16
     x = x.float()
@@ -98,7 +100,7 @@ def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Te
 
 
 # arrays with a slot axis (dim 1) of a sparse store: only their kept slots need to cross to the host
-SLOTTED = ("head/index", "head/values", "feat/rows")
+SLOTTED = ("head/index", "head/values", "head/boxes", "feat/rows")
 
 
 def to_host(arrays: dict[str, Tensor]) -> tuple[dict, int]:

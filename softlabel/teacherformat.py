@@ -7,6 +7,7 @@ what differs between kinds (box form, branches) is data, softlabel.heads.HeadSpe
 
 - SparseHead (default): each image's top-K anchors (softlabel.anchors.rank) above a score floor keep
   their box outputs and class logits; every other anchor is one background logit per class and image.
+  The box outputs are kept beside the logits, or apart at a precision of their own (`box_precision`).
   Features are rows at the first F kept anchors, or whole maps.
 - DenseHead (`--head-topk 0`): whole head maps per level; features as whole maps.
 
@@ -150,8 +151,14 @@ class DenseHead(HeadFormat):
 class SparseHead(HeadFormat):
     """Each image's top-K anchors by the teacher's best class logit, above a floor, best first; -1 in unused slots."""
 
+    @property
+    def boxes_apart(self) -> bool:
+        return self.layout.box_precision is not None
+
     def _head_arrays(self, view: str) -> dict[str, ArraySpec]:
-        k, c, nc = self.layout.sparse["topk"], 4 * self.layout.reg_max + self.layout.nc, self.layout.nc
+        layout = self.layout
+        k, boxes, nc = layout.sparse["topk"], 4 * layout.reg_max, layout.nc
+        c = nc if self.boxes_apart else boxes + nc
         out = {
             f"{view}/head/index": ArraySpec((k,), "int32", "head"),
             f"{view}/head/values": ArraySpec((k, c), self.dtype, "head"),
@@ -159,6 +166,10 @@ class SparseHead(HeadFormat):
         }
         if self.int8:
             out[f"{view}/head/scale"] = ArraySpec((c,), "float32", "raw")
+        if self.boxes_apart:
+            out[f"{view}/head/boxes"] = ArraySpec((k, boxes), stored_dtype(layout.box_precision), "head")
+            if layout.box_precision == "int8":
+                out[f"{view}/head/box_scale"] = ArraySpec((boxes,), "float32", "raw")
         return out
 
     def _encode_head(self, head: list[Tensor]) -> dict[str, Tensor]:
@@ -166,6 +177,11 @@ class SparseHead(HeadFormat):
         sparse = self.layout.sparse
         index, values, background = select_topk(flat, self.layout.reg_max, sparse["topk"], sparse["floor"])
         out = {"head/index": index, "head/background": background.to(torch.float16)}
+        if self.boxes_apart:
+            boxes, values = values.split([4 * self.layout.reg_max, self.layout.nc], 2)
+            out["head/boxes"], scale = quantise(boxes, self.layout.box_precision, reduce=(1,))
+            if scale is not None:
+                out["head/box_scale"] = scale[:, 0]
         out["head/values"], scale = quantise(values, self.layout.precision, reduce=(1,))
         if scale is not None:
             out["head/scale"] = scale[:, 0]
@@ -189,6 +205,10 @@ class SparseHead(HeadFormat):
     def _decode_head(self, stored: dict[str, np.ndarray], out: TeacherSample) -> None:
         out.index, out.background = stored["head/index"], stored["head/background"]
         out.values, out.values_scale = self._values(stored["head/values"]), stored.get("head/scale")
+        if self.boxes_apart:
+            boxes = stored["head/boxes"]
+            out.boxes = dequantise(boxes, "bfloat16", None, 0) if self.layout.box_precision == "bfloat16" else boxes
+            out.boxes_scale = stored.get("head/box_scale")
 
     @staticmethod
     def _pack(samples: list[TeacherSample]) -> TeacherBatch:
@@ -205,6 +225,8 @@ class SparseHead(HeadFormat):
             index=pack([s.index for s in samples], len(first.index)),
             values=pack([s.values for s in samples], len(first.index)),
             values_scale=_stack([s.values_scale for s in samples]),
+            boxes=pack([s.boxes for s in samples], len(first.index)) if first.boxes is not None else None,
+            boxes_scale=_stack([s.boxes_scale for s in samples]),
             background=_stack([s.background for s in samples]),
             rows=pack([s.rows for s in samples], row_slots) if row_slots else None,
             rows_scale=_stack([s.rows_scale for s in samples]),

@@ -190,19 +190,27 @@ def test_default_store_follows_the_teachers_box_form(teachers):
     """int8, floor 0.005, cap 512 for a DFL head; float16, floor 0.001, cap 1024 for a distance head (README, Contract 3)."""
     from softlabel.dump import DumpSettings, resolve_head
 
-    for reg_max, precision, floor, cap in ((16, "int8", 0.005, 512), (1, "float16", 0.001, 1024)):
+    for reg_max, precision, floor, cap, boxes in ((16, "int8", 0.005, 512, None), (1, "float16", 0.001, 1024, "float32")):
         s = resolve_head(DumpSettings(teacher="", data="", out=""), reg_max)
-        assert (s.precision, s.head_floor, s.head_topk, s.feature_rows) == (precision, floor, cap, 64)
+        assert (s.precision, s.head_floor, s.head_topk, s.feature_rows, s.box_precision) == (precision, floor, cap, 64, boxes)
+        assert resolve_head(DumpSettings(teacher="", data="", out="", box_precision="same"), reg_max).box_precision is None
         chosen = resolve_head(DumpSettings(teacher="", data="", out="", precision="bfloat16", head_floor=0.01, head_topk=64), reg_max)
         assert (chosen.precision, chosen.head_floor, chosen.head_topk) == ("bfloat16", 0.01, 64)
         dense = resolve_head(DumpSettings(teacher="", data="", out="", head_topk=0, feature_layout="dense"), reg_max)
-        assert (dense.head_topk, dense.head_floor, dense.feature_rows) == (None, 0.0, None)
+        assert (dense.head_topk, dense.head_floor, dense.feature_rows, dense.box_precision) == (None, 0.0, None, None)
     for name, precision in (("yolov8s", "int8"), ("yolo11s", "int8"), ("yolo26s", "float16")):
         attrs = CacheReader(str(teachers[name][1])).attrs
         assert attrs["storage"]["precision"] == precision, name
         command = attrs["command"]  # the resume command names what the defaults chose
         assert command[command.index("--precision") + 1] == precision
         assert command[command.index("--head-topk") + 1] == ("1024" if name == "yolo26s" else "512")
+        assert command[command.index("--box-precision") + 1] == ("float32" if name == "yolo26s" else "same")
+        stored = CacheReader(str(teachers[name][1])).layout.stored("v0")
+        if name == "yolo26s":  # the 4 distances apart in float32, the 3 class logits in float16
+            assert (stored["v0/head/boxes"].shape, stored["v0/head/boxes"].dtype) == ((1024, 4), "float32")
+            assert (stored["v0/head/values"].shape, stored["v0/head/values"].dtype) == ((1024, 3), "float16")
+        else:
+            assert "v0/head/boxes" not in stored and stored["v0/head/values"].shape == (512, 64 + 3)
 
 
 def test_min_confidence_is_a_box_term_option():

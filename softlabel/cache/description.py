@@ -78,6 +78,7 @@ class StorageRecord:
     feature_layout: str | None  # "sparse" (rows at the kept anchors) or "dense" (whole maps); None without features
     levels: tuple[str, ...]  # the feature levels stored
     head_sparse: SparseHead | None  # None for a dense head
+    box_precision: str | None = None  # a sparse head's box outputs apart at this precision; None: with the logits
 
     @property
     def feature_rows(self) -> bool:
@@ -140,5 +141,6 @@ def _parse(attrs: dict[str, Any]) -> CacheDescription:
             levels=tuple(str(x) for x in s["levels"]),
             head_sparse=SparseHead(int(sparse["topk"]), float(sparse["floor"]),
                                    int(sparse["feature_rows"]) if sparse.get("feature_rows") else None) if sparse else None,
+            box_precision=str(s["box_precision"]) if s.get("box_precision") else None,
         ),
     )

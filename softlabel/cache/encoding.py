@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PRECISIONS = ("float16", "bfloat16", "int8")
-_STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
+PRECISIONS = ("float16", "bfloat16", "int8", "float32")
+_STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8", "float32": "float32"}
 
 
 def stored_dtype(precision: str) -> str:
@@ -38,8 +38,8 @@ def quantise(x: np.ndarray, precision: str, channel_axis: int) -> tuple[np.ndarr
     """x [S, ...] with channels on channel_axis -> (stored values, int8 scale [S, C] or None).
 
     int8 is symmetric with one scale per sample and channel: the channel's largest |value| maps to 127."""
-    if precision == "float16":
-        return x.astype(np.float16), None
+    if precision in ("float16", "float32"):
+        return x.astype(precision), None
     if precision == "bfloat16":
         return _to_bf16_bits(x), None
     x = x.astype(np.float32)
@@ -52,7 +52,7 @@ def quantise(x: np.ndarray, precision: str, channel_axis: int) -> tuple[np.ndarr
 
 def dequantise(q: np.ndarray, precision: str, scale: np.ndarray | None, channel_axis: int) -> np.ndarray:
     """One sample's stored values -> float (float16 stays float16); channel_axis counts without the sample axis."""
-    if precision == "float16":
+    if precision in ("float16", "float32"):
         return q
     if precision == "bfloat16":
         return _from_bf16_bits(q)
@@ -71,8 +71,10 @@ class TeacherSample:
 
     fingerprint: bytes
     index: np.ndarray | None = None  # sparse head: [K] int32 anchors, -1 for an unused slot
-    values: np.ndarray | None = None  # [K, 4*reg_max + nc]: int8 (with values_scale), float16 or float32
-    values_scale: np.ndarray | None = None  # [4*reg_max + nc] float32
+    values: np.ndarray | None = None  # [K, 4*reg_max + nc]: int8 (with values_scale), float16 or float32; [K, nc] with boxes apart
+    values_scale: np.ndarray | None = None  # [4*reg_max + nc] float32 ([nc] with boxes apart)
+    boxes: np.ndarray | None = None  # a store with box outputs apart (Layout.box_precision): [K, 4*reg_max]
+    boxes_scale: np.ndarray | None = None  # [4*reg_max] float32, int8 boxes
     background: np.ndarray | None = None  # [nc] float16: the class logit of every other anchor
     head: np.ndarray | None = None  # dense head: [4*reg_max + nc, A] float, levels concatenated
     rows: np.ndarray | None = None  # sparse features: [F, Cmax], the feature vector of index[j] at its level, j < F <= K
@@ -87,8 +89,8 @@ class TeacherSample:
 
     def head_values(self) -> np.ndarray:
         """The kept anchors' box outputs and class logits [K, C] as float32."""
-        v = self.values.astype(np.float32)
-        return v if self.values_scale is None else v * self.values_scale[None]
+        v = _scaled(self.values, self.values_scale)
+        return v if self.boxes is None else np.concatenate([_scaled(self.boxes, self.boxes_scale), v], 1)
 
     def row_values(self, row_level: np.ndarray) -> np.ndarray:
         """The feature rows [F, Cmax] as float32; row_level [F]: each row's stored feature level (its row of rows_scale), -1 for none."""
@@ -102,6 +104,11 @@ class TeacherSample:
         """A dense feature map [C, H, W] as float32."""
         f = self.feat[level].astype(np.float32)
         return f if not self.feat_scale else f * self.feat_scale[level][:, None, None]
+
+
+def _scaled(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    v = values.astype(np.float32)
+    return v if scale is None else v * scale[None]
 
 
 def decode_sample(stored: dict[str, np.ndarray], layout, fingerprint: bytes) -> TeacherSample:

@@ -68,6 +68,10 @@ class Layout:
     nc: int = 80
     precision: str = "float16"
     sparse: dict | None = None  # {"topk": K, "floor": F, "feature_rows": R} for a sparse head
+    # a sparse head's box outputs in an array of their own at this precision (None: beside the class logits, at
+    # `precision`): a distance head's distances in float32, since any rounding moves a distance across the
+    # student's and flips the sign of that side's IoU or L1 gradient
+    box_precision: str | None = None
     feature_layout: str = "dense"  # "sparse": feature rows at the kept anchors; "dense": whole maps
 
     @property
@@ -138,6 +142,7 @@ class Layout:
             precision=s.precision,
             sparse={"topk": sparse.topk, "floor": sparse.floor, "feature_rows": sparse.feature_rows} if sparse else None,
             feature_layout=s.feature_layout or "dense",
+            box_precision=s.box_precision if sparse else None,
         )
 
 

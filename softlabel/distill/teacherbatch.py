@@ -24,6 +24,10 @@ class TeacherBatch:
     index: Tensor | None = None  # sparse head: [B, K] int32 kept anchors, -1 for an unused slot
     values: Tensor | None = None  # [B, K, 4*reg_max + nc]: int8 with values_scale, or float
     values_scale: Tensor | None = None  # [B, 4*reg_max + nc]
+    # a store with box outputs apart (Layout.box_precision): values hold the class logits [B, K, nc] and boxes the
+    # box outputs [B, K, 4*reg_max] (packed: [T, ...] as values), int8 with boxes_scale [B, 4*reg_max]
+    boxes: Tensor | None = None
+    boxes_scale: Tensor | None = None
     background: Tensor | None = None  # [B, nc]: the class logit of every anchor not kept
     rows: Tensor | None = None  # sparse features: [B, F, Cmax], the feature vector of index[:, j] at its level, j < F
     rows_scale: Tensor | None = None  # [B, L, Cmax], per level of row_levels
@@ -55,7 +59,8 @@ class TeacherBatch:
             return out
 
         rows = None if self.rows is None else spread(self.rows, min(self.row_slots, k), 0)
-        return replace(self, index=spread(self.index, k, -1), values=spread(self.values, k, 0), rows=rows,
+        boxes = None if self.boxes is None else spread(self.boxes, k, 0)
+        return replace(self, index=spread(self.index, k, -1), values=spread(self.values, k, 0), boxes=boxes, rows=rows,
                        counts=None, slots=0, row_slots=0)
 
     def _map(self, fn) -> "TeacherBatch":
@@ -89,8 +94,8 @@ class TeacherBatch:
 
     def head_values(self) -> Tensor:
         """Sparse, laid out: the kept anchors' box outputs and class logits [B, K, C] as float32 (zero in unused slots)."""
-        v = self.values.float()
-        return v if self.values_scale is None else v * self.values_scale.float()[:, None, :]
+        v = _scaled(self.values, self.values_scale)
+        return v if self.boxes is None else torch.cat([_scaled(self.boxes, self.boxes_scale), v], 2)
 
     def class_logits(self, box_channels: int, anchors: int) -> Tensor:
         """[B, nc, A] float32: the dense head's logits, or the background broadcast with the kept anchors scattered in."""
@@ -123,3 +128,9 @@ class TeacherBatch:
         if self.rows_scale is None:
             return rows
         return rows * self.rows_scale[b, self.row_levels.index(level), :channels].float()
+
+
+def _scaled(values: Tensor, scale: Tensor | None) -> Tensor:
+    """[B, K, C] stored values as float32, an int8 one times its per-sample, per-channel scale [B, C]."""
+    v = values.float()
+    return v if scale is None else v * scale.float()[:, None, :]
