@@ -149,6 +149,41 @@ def test_to_host_rebuilds_the_padded_arrays_from_the_kept_slots():
     assert copied == 3 * 4 + 3 * 5 * 4 + 3 * 2 * 2 + kept * (4 + 5) + rows_kept * 6
 
 
+@pytest.mark.parametrize("box_precision", [None, "float32", "int8"])
+def test_box_outputs_apart_read_back_as_the_head_values(box_precision):
+    """A distance head's box outputs kept in an array of their own (float32 by default for such a head): what the
+    terms read (head_values: boxes then logits) is the teacher's distances exactly in float32, to one int8 step in
+    int8, and each sample's slots survive to_host, decode, collate's packing and the student-side layout."""
+    from softlabel.teacherformat import HeadFormat
+
+    gen = torch.Generator().manual_seed(2)
+    nc, k = 3, 16
+    head = [torch.cat([torch.rand(2, 4, s, s, generator=gen) * 9, torch.randn(2, nc, s, s, generator=gen) * 3 - 2], 1)
+            for s in (4, 2)]
+    feat = [torch.randn(2, c, s, s, generator=gen) for c, s in ((8, 4), (16, 2))]
+    layout = Layout(count=2, shard_size=2, head={"p3": (4 + nc, 4, 4), "p4": (4 + nc, 2, 2)},
+                    feat={"p3": (8, 4, 4), "p4": (16, 2, 2)}, views=["v0"], reg_max=1, nc=nc, precision="float16",
+                    sparse={"topk": k, "floor": 0.05, "feature_rows": 4}, feature_layout="sparse", box_precision=box_precision)
+    stored = layout.stored("v0")
+    assert ("v0/head/boxes" in stored) == (box_precision is not None)
+    assert stored["v0/head/values"].shape == (k, nc if box_precision else 4 + nc)
+    fmt = HeadFormat.of(layout)
+    host, _ = to_host(fmt.encode(head, feat))
+    assert set(host) == {name.split("/", 1)[1] for name in stored}
+    samples = [fmt.decode({name: a[i] for name, a in host.items()}, b"") for i in range(2)]
+    batch = HeadFormat.pack(samples).unpacked()
+    flat = torch.cat([h.flatten(2) for h in head], 2)  # [B, C, A]
+    for b in range(2):
+        kept = batch.index[b] >= 0
+        assert 0 < int(kept.sum()) < 20  # the floor leaves some anchors out
+        want = flat[b][:, batch.index[b][kept].long()].T  # [n, 4 + nc]
+        got = batch.head_values()[b][kept]
+        box_step = {None: 2.0 ** -8 * 9, "float32": 0.0, "int8": 9 / 127 / 2}[box_precision]
+        assert float((got[:, :4] - want[:, :4]).abs().max()) <= box_step + 1e-6
+        assert torch.allclose(got[:, 4:], want[:, 4:], atol=4e-3, rtol=1e-3)  # float16 logits
+        assert torch.equal(got, torch.from_numpy(samples[b].head_values()[: int(kept.sum())]))
+
+
 @pytest.mark.parametrize(
     "feat, needle",
     [
