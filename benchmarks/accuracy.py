@@ -14,13 +14,15 @@ next to its own plain baseline with the same seeds (--reuse-seeds, default the f
 
 The default dataset is the demo's: multi-digit scenes built from scikit-learn's handwritten digits
 (softlabel.digits), disjoint digit images for train and val. --data takes any Ultralytics data.yaml.
+The trees preset uses aerial tree crowns instead (benchmarks/trees.py): 256 px tiles of the annotated images
+in the deepforest wheel, split by source image; install them with `pip install --no-deps deepforest==2.1.0`.
 The data, teacher and cache are kept in --work and reused by a later run with the same settings.
 
 Every run validates after each epoch; the JSON keeps the curves (curves[mode][seed]: val mAP50-95 per
 epoch) and says whether plain training's curve had flattened: its seed-mean gained less than 0.01 over
 the last 20% of epochs.
 
-Regimes (--preset converged / finetune; -quick variants are smoke tests):
+Regimes (--preset converged / finetune / trees; -quick variants are smoke tests):
   converged  from scratch, long enough for plain training to flatten, Ultralytics' nbs (64).
   finetune   the student starts from a plain pretraining on a source task that shares no digit image
              with the target: scenes of digits 0-4 (source) against scenes of digits 5-9 (target), same
@@ -35,6 +37,8 @@ Regimes (--preset converged / finetune; -quick variants are smoke tests):
              teacher trained on the 200 target scenes from scratch (nbs 64) reached 0.164 mAP50-95, below
              every fine-tuned student (0.175-0.189), and no mode could gain from it (2-core machine,
              2026-12-03, accuracy-finetune.json at commit fd4d9e7).
+  trees      converged's regime on real data: 74 aerial 256 px tiles of tree crowns (one class, benchmarks/trees.py),
+             val on 16 tiles of another plot 13 km away; nbs 16, fliplr 0.5.
 
 Studies (any preset):
   --storage-ablation  one more offline run per seed, on the same views, from a dense float16 store (every
@@ -107,9 +111,23 @@ PRESETS = {
     "finetune-quick": dict(regime="finetune", device="cpu", imgsz=64, train_scenes=16, val_scenes=8, batch=8, nbs=64,
                            epochs=2, teacher_epochs=2, pretrain_epochs=2, teacher_pretrain_epochs=2, views=2, close_mosaic=1,
                            seeds=[0, 1], lr0=0.002, reuse_students=[]),
+    # trees: the converged regime on real data (benchmarks/trees.py), every tile at its own size (imgsz 256); train_scenes
+    # and val_scenes cap the tiles per split (0: all, 74 and 16). Aerial crowns have no handedness: fliplr 0.5.
+    # nbs 16 for student and teacher alike: with nbs 64, 74 tiles make about one optimizer step an epoch, 120 in all.
+    # Basis, plain yolov8n at these settings, 5 epochs (seed 0) on a 2-core machine shared with other jobs (load about
+    # 10, yet the run held a whole core: Ultralytics trains with one thread on 2 cores, and its CPU time matched its
+    # wall time): 5.6-6.1 s per epoch after the first (7.0 s), validation included; yolov8s teacher 16 s per epoch.
+    #   one student run of 100 epochs: about 100 x 5.8 s, 10 minutes (online and ultralytics run the teacher too, and
+    #   take longer); the teacher 100 x 16 s, about 27 minutes, trained once and reused by a later run with the same --work.
+    "trees": dict(regime="scratch", dataset="trees", device="cpu", imgsz=256, train_scenes=0, val_scenes=0, batch=8, nbs=16,
+                  epochs=100, teacher_epochs=100, views=8, close_mosaic=10, seeds=[0, 1, 2], lr0=0.002, fliplr=0.5,
+                  reuse_students=[]),
+    "trees-quick": dict(regime="scratch", dataset="trees", device="cpu", imgsz=256, train_scenes=8, val_scenes=4, batch=8,
+                        nbs=16, epochs=2, teacher_epochs=2, views=2, close_mosaic=1, seeds=[0, 1], lr0=0.002, fliplr=0.5,
+                        reuse_students=[]),
 }
 # what a preset leaves unsaid: the older presets' behaviour
-PRESET_DEFAULTS = dict(regime="scratch", nbs=None, teacher_nbs=None, pretrain_epochs=None, teacher_pretrain_epochs=0,
+PRESET_DEFAULTS = dict(regime="scratch", dataset="digits", nbs=None, teacher_nbs=None, pretrain_epochs=None, teacher_pretrain_epochs=0,
                        reuse_students=["yolo11n"])
 
 
@@ -118,8 +136,9 @@ def parse_args() -> argparse.Namespace:
                                 epilog="Sizes: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu", help="sizes and device (default: gpu)")
     p.add_argument("--quick", action="store_true", help="a smoke test, numbers mean nothing: --preset quick, or with "
-                   "--preset converged/finetune their -quick variant")
-    p.add_argument("--data", default=None, help="Ultralytics data.yaml (default: the digits scenes, built in --work/data)")
+                   "--preset converged/finetune/trees their -quick variant")
+    p.add_argument("--data", default=None, help="Ultralytics data.yaml (default: the digits scenes, or with --preset trees "
+                   "the tree tiles, built in --work/data)")
     p.add_argument("--work", default=None, help="folder for data, teacher, cache and runs (default: runs/accuracy-PRESET)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint to use instead of training --teacher-model")
     p.add_argument("--teacher-model", default="yolov8s", help="teacher architecture to train (default: yolov8s)")
@@ -153,8 +172,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-branch", choices=["one2many", "one2one", "mean"], default=None,
                    help="end-to-end teacher: the branch cached, as softlabel dump --teacher-branch (default: one2many)")
     p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
-    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/accuracy.json, accuracy-converged.json "
-                   "or accuracy-finetune.json by preset, -views added with --views-study; WORK/result.json for the -quick variants); "
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/accuracy.json, accuracy-converged.json, "
+                   "accuracy-finetune.json or accuracy-trees.json by preset, -views added with --views-study; WORK/result.json for the -quick variants); "
                    "the plot goes beside it")
     args = p.parse_args()
     if args.quick:
@@ -175,12 +194,19 @@ def parse_args() -> argparse.Namespace:
             args.out = str(args.work / "result.json")
         else:
             # a views study runs apart from the four-mode comparison (see the sizes above), so it keeps its own file
-            name = f"accuracy-{args.preset}{'-views' if args.views_study else ''}.json" if args.preset in ("converged", "finetune") else "accuracy.json"
+            name = f"accuracy-{args.preset}{'-views' if args.views_study else ''}.json" if args.preset in ("converged", "finetune", "trees") else "accuracy.json"
             args.out = str(common.RESULTS / name)
     if args.fliplr is None:
         args.fliplr = 0.5 if args.data else 0.0
     if args.imgsz % 32:
         p.error("--imgsz must be a multiple of 32")
+    if args.dataset == "trees" and not args.data:
+        import trees
+
+        try:
+            trees.data_folder()  # before any training: the data may not be installed
+        except trees.TreesUnavailable as e:
+            p.error(str(e))
     if args.regime == "finetune":
         if args.pretrained and not Path(args.pretrained).is_file():
             p.error(f"--pretrained {args.pretrained}: checkpoint not found")
@@ -198,7 +224,8 @@ def parse_args() -> argparse.Namespace:
 def prepare_data(args, root: Path | None = None, classes: tuple[int, ...] = (), data: str | None = None,
                  echo=print) -> tuple[Path, dict]:
     """The data.yaml and what identifies its training split (for the teacher's and the cache's manifests):
-    `data` if given, else digits scenes of `classes` (all ten when empty) built in `root`."""
+    `data` if given, else the preset's dataset built in `root`: the tree tiles, or digits scenes of `classes`
+    (all ten when empty)."""
     from softlabel.demo import digits_for
     from softlabel.digits import ensure_digits
 
@@ -207,10 +234,24 @@ def prepare_data(args, root: Path | None = None, classes: tuple[int, ...] = (), 
 
         spec = load_data_yaml(data)
         return Path(data), {"yaml": str(spec.yaml_path), "images_hash": build_index(spec, "train", check_images=False).list_hash()}
+    if args.dataset == "trees":
+        return prepare_trees(args, root or args.work / "data", echo)
     settings = digits_for(args.imgsz, args.train_scenes, args.val_scenes, seed=0, classes=classes)
     data_yaml, reused = ensure_digits(root or args.work / "data", settings)
     echo(f"dataset: {'reused' if reused else 'built'} {data_yaml}")
     return data_yaml, settings.to_dict()
+
+
+def prepare_trees(args, root: Path, echo=print) -> tuple[Path, dict]:
+    """The tree tiles (benchmarks/trees.py), --train-scenes / --val-scenes tiles at most per split (0: all)."""
+    import trees
+
+    caps = dict(max_train=args.train_scenes, max_val=args.val_scenes)
+    data_yaml, manifest, reused = trees.ensure_trees(root, **caps)
+    echo(f"dataset: {'reused' if reused else 'built'} {data_yaml}\n{trees.describe(manifest)}")
+    # the tiles built, not the cap, for the JSON's settings and the plot's title
+    args.train_scenes, args.val_scenes = (manifest["splits"][split]["tiles"] for split in ("train", "val"))
+    return data_yaml, trees.settings(**caps)
 
 
 def run_curves(run: Path) -> dict:

@@ -1,13 +1,20 @@
-"""The accuracy benchmark's curve reading: plain's flatness and the views study's fitting signal."""
+"""The accuracy benchmark's curve reading (plain's flatness, the views study's fitting signal) and its
+trees dataset (benchmarks/trees.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
+import trees  # noqa: E402
 
 
 def test_flatness_looks_at_the_last_fifth_of_the_epochs():
@@ -29,3 +36,58 @@ def test_fit_signal_finds_where_val_stops_rising_while_the_distillation_loss_sti
     assert accuracy.fit_signal([0.02 * e for e in range(20)], falling_kd, mosaic_epochs=20, views=4)["fit_epoch"] is None
     # the closing epochs (other views) are left out
     assert accuracy.fit_signal(val, falling_kd, mosaic_epochs=5, views=4)["fit_epoch"] is None
+
+
+def test_a_box_on_a_tile_edge_is_clipped_and_kept_only_when_enough_of_it_shows():
+    boxes = np.array([[236.0, 10, 276, 50],  # half inside the tile at x 0..256: kept, clipped at 256
+                      [246.0, 60, 286, 100],  # a quarter inside: dropped
+                      [10.0, 10, 30, 30]])  # wholly inside: unchanged
+    assert trees.tile_boxes(boxes, 0, 0, tile=256, min_visible=0.4).tolist() == [[236, 10, 256, 50], [10, 10, 30, 30]]
+    # the next tile to the right sees the first two in its own frame: 0.5 and 0.75 of them inside
+    assert trees.tile_boxes(boxes, 256, 0, tile=256, min_visible=0.4).tolist() == [[0, 10, 20, 50], [0, 60, 30, 100]]
+
+
+def folder_bytes(root: Path) -> dict[str, str]:
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tree_tiles(tmp_path_factory) -> tuple[Path, dict]:
+    if importlib.util.find_spec("deepforest") is None:
+        pytest.skip(f"deepforest's bundled images are not installed: {trees.INSTALL}")
+    data_yaml, manifest, reused = trees.ensure_trees(tmp_path_factory.mktemp("trees") / "data")
+    assert not reused
+    return data_yaml.parent, manifest
+
+
+def test_trees_split_by_source_image_with_the_documented_counts(tree_tiles):
+    root, manifest = tree_tiles
+    sources = {}
+    for split in ("train", "val"):
+        tiles = sorted((root / "images" / split).glob("*.png"))
+        sources[split] = {t.stem.rsplit("_", 2)[0] for t in tiles}  # tile names: <source>_<y>_<x>
+        lines = [ln for f in (root / "labels" / split).glob("*.txt") for ln in f.read_text().splitlines()]
+        for ln in lines:
+            cls, *xywh = ln.split()
+            assert cls == "0" and len(xywh) == 4 and all(0 < float(v) <= 1 for v in xywh), ln
+        assert {t.stem for t in (root / "labels" / split).glob("*.txt")} <= {t.stem for t in tiles}
+        assert (len(tiles), len(lines)) == (manifest["splits"][split]["tiles"], manifest["splits"][split]["boxes"])
+    assert not sources["train"] & sources["val"]
+    assert sources == {split: {stem for stem, (s, _) in trees.SOURCES.items() if s == split} for split in ("train", "val")}
+    # the counts the module's docstring and the trees preset state
+    assert {split: (e["tiles"], e["boxes"]) for split, e in manifest["splits"].items()} == {"train": (74, 518), "val": (16, 244)}
+    assert (root / "data.yaml").read_text() == "train: images/train\nval: images/val\nnames:\n  0: tree\n"
+
+
+def test_trees_build_is_deterministic_and_reused_by_its_manifest(tree_tiles, tmp_path):
+    root, _ = tree_tiles
+    before = folder_bytes(root)
+    _, _, reused = trees.ensure_trees(root)
+    assert reused and folder_bytes(root) == before
+    # a build elsewhere writes the same bytes
+    trees.build_trees(tmp_path / "again")
+    assert folder_bytes(tmp_path / "again") == before
+    # other settings rebuild: at most 8 train tiles, spread over the sources in order
+    _, small, reused = trees.ensure_trees(tmp_path / "again", max_train=8, max_val=4)
+    assert not reused and (small["splits"]["train"]["tiles"], small["splits"]["val"]["tiles"]) == (8, 4)
+    assert len(list((tmp_path / "again" / "images" / "train").glob("*.png"))) == 8
