@@ -203,7 +203,7 @@ class SparseHead(HeadFormat):
         return {"feat/rows": q, "feat/scale": torch.stack(scales, 1)}
 
     def _decode_head(self, stored: dict[str, np.ndarray], out: TeacherSample) -> None:
-        out.index, out.background = stored["head/index"], stored["head/background"]
+        out.index, out.background, out.floor = stored["head/index"], stored["head/background"], float(self.layout.sparse["floor"])
         out.values, out.values_scale = self._values(stored["head/values"]), stored.get("head/scale")
         if self.boxes_apart:
             boxes = stored["head/boxes"]
@@ -228,6 +228,7 @@ class SparseHead(HeadFormat):
             boxes=pack([s.boxes for s in samples], len(first.index)) if first.boxes is not None else None,
             boxes_scale=_stack([s.boxes_scale for s in samples]),
             background=_stack([s.background for s in samples]),
+            floor=first.floor,
             rows=pack([s.rows for s in samples], row_slots) if row_slots else None,
             rows_scale=_stack([s.rows_scale for s in samples]),
             row_levels=first.row_levels,

@@ -229,6 +229,30 @@ def test_default_store_follows_the_teachers_box_form(teachers):
             assert "v0/head/boxes" not in stored and stored["v0/head/values"].shape == (512, 64 + 3)
 
 
+def test_a_stored_logit_rounded_under_the_floor_keeps_its_box():
+    """A store kept its anchors by their unrounded scores: an anchor whose stored logit rounds to just under the floor
+    still counts, as it does live, instead of being dropped again by min_confidence at the store's own floor."""
+    from softlabel.select import logit, select_topk
+
+    g = torch.Generator().manual_seed(5)
+    student = _e2e_student(g)
+    t_head = torch.cat([torch.rand(2, 4, 20, generator=g) * 3, torch.randn(2, 3, 20, generator=g) * 2 - 3], 1)
+    floor = 0.05
+    index, values, background = select_topk(t_head, 1, 20, floor)
+    last = int((index[0] >= 0).sum()) - 1  # image 0's least confident kept anchor: its best logit set just over the floor
+    best = int(values[0, last, 4:].argmax())
+    at = float(logit(torch.tensor(floor)))
+    t_head[0, 4 + best, index[0, last].long()] = at + 1e-4
+    values[0, last, 4 + best] = at - 1e-3  # as stored: rounded to just under it
+    config = parse_distill({"box": {"loss": "dist_iou", "confidence_weighted": True, "min_confidence": floor}}, "t.yaml")
+    d = Distiller(config, 1, ["p3", "p4"], [4, 8], ["p3", "p4"], [4, 8], student_branches=BRANCHES, nc=3)
+    live = float(d(student, TeacherBatch(head=t_head))["kd_box"])
+    stored = float(d(student, TeacherBatch(index=index, values=values, background=background, floor=floor))["kd_box"])
+    masked = float(d(student, TeacherBatch(index=index, values=values, background=background))["kd_box"])  # floor unknown
+    assert stored == pytest.approx(live, rel=1e-4)
+    assert abs(masked - live) > 1e-3 * live  # masking it again would drop the anchor the live teacher counts
+
+
 def test_min_confidence_is_a_box_term_option():
     config = parse_distill({"box": {"loss": "dist_iou", "min_confidence": 0.001}}, "t.yaml")
     assert config.terms["box"].min_confidence == 0.001

@@ -76,6 +76,7 @@ class TeacherSample:
     boxes: np.ndarray | None = None  # a store with box outputs apart (Layout.box_precision): [K, 4*reg_max]
     boxes_scale: np.ndarray | None = None  # [4*reg_max] float32, int8 boxes
     background: np.ndarray | None = None  # [nc] float16: the class logit of every other anchor
+    floor: float = 0.0  # sparse head: the score every kept anchor passed, on the teacher's outputs before rounding
     head: np.ndarray | None = None  # dense head: [4*reg_max + nc, A] float, levels concatenated
     rows: np.ndarray | None = None  # sparse features: [F, Cmax], the feature vector of index[j] at its level, j < F <= K
     rows_scale: np.ndarray | None = None  # [L, Cmax] float32, per stored feature level

@@ -29,6 +29,7 @@ class TeacherBatch:
     boxes: Tensor | None = None
     boxes_scale: Tensor | None = None
     background: Tensor | None = None  # [B, nc]: the class logit of every anchor not kept
+    floor: float = 0.0  # sparse: the score every kept anchor passed when dumped (on the unrounded outputs)
     rows: Tensor | None = None  # sparse features: [B, F, Cmax], the feature vector of index[:, j] at its level, j < F
     rows_scale: Tensor | None = None  # [B, L, Cmax], per level of row_levels
     row_levels: tuple[str, ...] = ()  # the levels rows hold, in rows_scale's order

@@ -96,9 +96,11 @@ class BoxTerm(Term):
             s_boxes, t_boxes = student["boxes"], t.head[:, :tb].float()
             confidence = teacher.confidence if weighted or self.min_confidence else None
         weight = confidence if weighted else None
-        if self.min_confidence:
-            # below the floor an anchor is background on both sides: a store keeps no box there, and the live
-            # teacher's low-confidence boxes would otherwise carry weight a store cannot reproduce
+        # below the floor an anchor is background on both sides: a store keeps no box there, and the live teacher's
+        # low-confidence boxes would otherwise carry weight a store cannot reproduce. A store's kept anchors passed its
+        # own floor on the unrounded scores, so at or below it nothing is masked again: a rounded stored logit could
+        # put an anchor the dump kept just under the floor.
+        if self.min_confidence > (t.floor if t.sparse else 0.0):
             above = (confidence >= self.min_confidence).to(confidence.dtype)
             weight = above if weight is None else weight * above
         if s_boxes.shape[2] == 0:  # no kept anchor in the batch: nothing to distil, and no NaN from an empty mean
