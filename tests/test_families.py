@@ -222,6 +222,8 @@ def test_default_store_follows_the_teachers_box_form(teachers):
         assert command[command.index("--head-topk") + 1] == ("1024" if name == "yolo26s" else "512")
         assert command[command.index("--box-precision") + 1] == ("float32" if name == "yolo26s" else "same")
         stored = CacheReader(str(teachers[name][1])).layout.stored("v0")
+        info = run_cli("info", teachers[name][1])
+        assert info.exit_code == 0 and ("boxes apart in float32" in info.output) == (name == "yolo26s"), info.output
         if name == "yolo26s":  # the 4 distances apart in float32, the 3 class logits in float16
             assert (stored["v0/head/boxes"].shape, stored["v0/head/boxes"].dtype) == ((1024, 4), "float32")
             assert (stored["v0/head/values"].shape, stored["v0/head/values"].dtype) == ((1024, 3), "float16")

@@ -94,7 +94,7 @@ def render(summary: dict[str, Any]) -> str:
         + (f", {len(d['skipped'])} skipped as Ultralytics skips them" if d.get("skipped") else ""),
         f"augment    imgsz={a['imgsz']} seed={a['seed']} views={a['views']} close_views={a['close_views']} "
         + " ".join(f"{k}={v}" for k, v in a.items() if k not in ("imgsz", "seed", "views", "close_views")),
-        f"storage    {s.get('precision', s['dtype'])}, codec head {s['codec']['head']['preset']} / feat {s['codec']['feat']['preset']}, "
+        f"storage    {s.get('precision', s['dtype'])}{', boxes apart in ' + s['box_precision'] if s.get('box_precision') else ''}, codec head {s['codec']['head']['preset']} / feat {s['codec']['feat']['preset']}, "
         f"checksum {s['checksum']}, shard {s['shard_size']} samples, "
         f"head {'sparse: top ' + str(s['head_sparse']['topk']) + ' anchors, floor ' + str(s['head_sparse']['floor']) if s.get('head_sparse') else 'dense'}, "
         f"features {(s.get('feature_layout') or 'dense') + ' levels ' + ','.join(s['levels']) if s['features'] else 'off'}"
