@@ -174,8 +174,8 @@ def _fidelity(store: str, teacher_pt: Path, data_yaml: Path, student_pt: str | N
         # the student's outputs as leaves: what it learns from a term is that term's gradient on them
         leaves: list = []
         preds = _as_leaves(preds, leaves)
-        from_store = distiller(preds, stored, levels)
-        from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats), levels)
+        from_store = distiller(preds, stored)
+        from_live = distiller(preds, TeacherBatch(split_head(live.head), live_feats))
         from_store["total"], from_live["total"] = sum(from_store.values()), sum(from_live.values())
         for key in from_live:
             a, b = float(from_store[key].detach()), float(from_live[key].detach())

@@ -68,7 +68,7 @@ def test_every_position_selected_equals_the_whole_maps(normalize):
     grads = []
     for d in (whole, selected):
         student, teacher = _inputs()
-        kd = d(student, teacher, LEVELS)["kd_feat"]
+        kd = d(student, teacher)["kd_feat"]
         kd.backward()
         grads.append((float(kd.detach()), [f.grad for f in student["feats"]], [p.grad.clone() for p in d.terms['feat'].adapters.parameters()]))
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
@@ -80,7 +80,7 @@ def test_only_the_teachers_top_positions_are_distilled():
     k = 5
     d = _distiller(positions=k)
     student, teacher = _inputs(seed=1)
-    d(student, teacher, LEVELS)["kd_feat"].backward()
+    d(student, teacher)["kd_feat"].backward()
     conf = teacher.head[:, 4 * REG_MAX :].sigmoid().amax(1)
     top = torch.zeros_like(conf, dtype=torch.bool).scatter_(1, conf.topk(k, dim=1).indices, True)
     grads = [f.grad if f.grad is not None else torch.zeros_like(f) for f in student["feats"]]
@@ -94,7 +94,7 @@ def test_level_without_chosen_positions_adds_nothing():
     student, teacher = _inputs()
     teacher.head[:, 4 * REG_MAX :] = -20.0
     teacher.head[:, 4 * REG_MAX, :3] = 5.0  # the teacher's three best anchors are all on P3
-    kd = d(student, teacher, LEVELS)["kd_feat"]
+    kd = d(student, teacher)["kd_feat"]
     assert torch.isfinite(kd) and float(kd.detach()) > 0
     kd.backward()
     assert student["feats"][0].grad is not None
@@ -136,7 +136,7 @@ def test_int8_maps_dequantised_by_the_distiller_match_the_decoded_store():
         assert torch.equal(int8.feat_rows(lvl, b, p), dense.feat(lvl).flatten(2)[b, :, p])
     for positions in ("all", 6):
         d = _distiller(positions=positions)
-        a, c = d(student, dense, LEVELS)["kd_feat"], d(student, int8, LEVELS)["kd_feat"]
+        a, c = d(student, dense)["kd_feat"], d(student, int8)["kd_feat"]
         assert float(a.detach()) == pytest.approx(float(c.detach()), rel=1e-6)
 
 
@@ -171,7 +171,7 @@ def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
     values = torch.stack([teacher.head[b][:, index[b].clamp_min(0).long()].T * (index[b] >= 0)[:, None] for b in range(mask.shape[0])])
     background = torch.full((mask.shape[0], NC), -9.0)
     sparse = TeacherBatch(index=index, values=values, background=background)
-    kd = d(student, sparse, LEVELS)["kd_box"]
+    kd = d(student, sparse)["kd_box"]
     kd.backward()
     conf = sparse.class_logits(4 * REG_MAX, ANCHORS).sigmoid().amax(1)
     boxes = student["boxes"].detach().clone().requires_grad_()
@@ -181,7 +181,7 @@ def test_box_term_on_kept_anchors_equals_the_masked_full_term(weighted):
     assert float(kd.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     assert torch.allclose(student["boxes"].grad, boxes.grad, rtol=1e-4, atol=1e-8)
     none = TeacherBatch(index=torch.full_like(index, -1), values=values, background=background)
-    assert float(d(student, none, LEVELS)["kd_box"].detach()) == 0  # no kept anchor at all: the term is 0, not NaN
+    assert float(d(student, none)["kd_box"].detach()) == 0  # no kept anchor at all: the term is 0, not NaN
 
 
 @pytest.mark.parametrize("precision,rel", [("float16", 5e-3), ("int8", 1e-2)])
@@ -205,7 +205,7 @@ def test_stored_rows_give_the_feature_term_of_the_whole_maps(precision, rel):
             assert (sparse.rows[b, j, c:] == 0).all()  # zero past the level's channels
     for positions in (6, f):
         d = _distiller(positions=positions)
-        whole, rows = d(student, teacher, LEVELS)["kd_feat"], d(student, sparse, LEVELS)["kd_feat"]
+        whole, rows = d(student, teacher)["kd_feat"], d(student, sparse)["kd_feat"]
         assert float(rows.detach()) == pytest.approx(float(whole.detach()), rel=rel)
 
 
@@ -255,11 +255,11 @@ def test_collate_packs_the_kept_anchors_and_the_terms_stay_the_same(rows):
         assert cut.rows.shape == (len(batch), min(rows, width), max(T_CH)) and full.index.shape == (len(batch), k)
         assert torch.equal(cut.index, full.index[:, :width]) and torch.equal(cut.values, full.values[:, :width])
         assert torch.equal(cut.rows, full.rows[:, : min(rows, width)])
-        a, b = d(part, packed, LEVELS), d(part, full, LEVELS)
+        a, b = d(part, packed), d(part, full)
         assert set(a) == {"kd_cls", "kd_box", "kd_feat"}
         for key in a:
             assert torch.equal(a[key], b[key]), (key, width, float(a[key]), float(b[key]))
-    assert float(d(student, stack_teacher(samples), LEVELS)["kd_feat"].detach()) > 0
+    assert float(d(student, stack_teacher(samples))["kd_feat"].detach()) > 0
 
 
 def test_a_sparse_head_with_whole_feature_maps_collates_both():
@@ -273,4 +273,4 @@ def test_a_sparse_head_with_whole_feature_maps_collates_both():
     dense = stack_teacher(_samples(teacher, _layout("int8")))
     # unweighted, so that the sparse head's background (the confidence elsewhere) does not enter the term
     d = _distiller(positions="all", confidence_weighted=False, level_balance="equal")
-    assert torch.equal(d(student, packed, LEVELS)["kd_feat"], d(student, dense, LEVELS)["kd_feat"])
+    assert torch.equal(d(student, packed)["kd_feat"], d(student, dense)["kd_feat"])

@@ -287,19 +287,19 @@ def test_default_store_at_640_px_with_80_classes_is_the_live_teacher_within_one_
     t = Teacher.load(teacher)
     distiller = Distiller(load_distill(None), reg_max, levels, channels, t.info.levels, t.info.feature_channels)
     preds = student(batch["img"].float() / 255)
-    from_cache = distiller(preds, cached, levels)
+    from_cache = distiller(preds, cached)
     live = t(batch["img"].float() / 255)
     kept = encode_batch(live.head, live.feat, dataclasses.replace(reader.layout, precision="float16"))
     selected = TeacherBatch(index=kept["head/index"], values=kept["head/values"], background=kept["head/background"],
                             rows=kept["feat/rows"], row_levels=tuple(reader.feature_levels))
-    from_selected = distiller(preds, selected, levels)
+    from_selected = distiller(preds, selected)
     for key in from_cache:
         a, b = float(from_cache[key].detach()), float(from_selected[key].detach())
         assert b > 0 and abs(a - b) <= 0.01 * b, (key, a, b)
     # Against the whole, unselected outputs only the feature term must agree: an untrained teacher spreads its
     # confidence over all 8,400 anchors, so the 512 kept ones stand for little of its class and box terms, by
     # an amount that depends on the mosaic's content (README, Loss error).
-    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
+    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))))
     a, b = float(from_cache["kd_feat"].detach()), float(from_live["kd_feat"].detach())
     assert b > 0 and abs(a - b) <= 0.01 * b, (a, b, {k: (float(from_cache[k]), float(from_live[k])) for k in from_cache})
     assert time.time() - start < 60

@@ -151,9 +151,9 @@ def _cache_and_live_terms(batch: dict, teacher_path) -> tuple[TeacherBatch, dict
     torch.manual_seed(0)
     preds = student(batch["img"].float() / 255)
     cached = batch["teacher"]
-    from_cache = distiller(preds, cached, levels)
+    from_cache = distiller(preds, cached)
     live = t(batch["img"].float() / 255)
-    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))), levels)
+    from_live = distiller(preds, TeacherBatch(split_head(live.head), dict(zip(t.info.levels, live.feat))))
     return cached, from_cache, from_live
 
 
@@ -420,13 +420,13 @@ def test_confidence_weighted_features_follow_the_teacher_scores(tmp_path):
     head[:, 4 * reg_max, 0] = 5.0  # ... except at the first P3 anchor
     student = {"scores": torch.zeros(2, nc, anchors), "boxes": torch.zeros(2, 4 * reg_max, anchors), "feats": s_feats}
     teacher = TeacherBatch(head, t_feats)
-    base = float(d(student, teacher, levels)["kd_feat"].detach())
+    base = float(d(student, teacher)["kd_feat"].detach())
     moved = [f.clone() for f in s_feats]
     moved[0].flatten(2)[:, :, 1:] += 3.0  # change the student only where the teacher sees nothing
-    kd = float(d({**student, "feats": moved}, teacher, levels)["kd_feat"].detach())
+    kd = float(d({**student, "feats": moved}, teacher)["kd_feat"].detach())
     assert kd == pytest.approx(base, rel=1e-4)
     moved[0].flatten(2)[:, :, 0] += 3.0  # and where it sees the object
-    assert abs(float(d({**student, "feats": moved}, teacher, levels)["kd_feat"].detach()) - base) > 1e-3 * base
+    assert abs(float(d({**student, "feats": moved}, teacher)["kd_feat"].detach()) - base) > 1e-3 * base
 
 
 def test_adapter_option_is_checked(tmp_path):
@@ -457,8 +457,8 @@ def test_confidence_level_balance_follows_where_the_teacher_sees_objects():
     with torch.no_grad():
         per_level = [fn(p, t_feats[lvl], w) for fn, p, lvl, w in zip(
             term.loss, term.adapters(s_feats), levels, term._per_level(head[:, 4 * reg_max:].sigmoid().amax(1), s_feats))]
-        kd_balanced = balanced(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
-        kd_equal = equal(student, TeacherBatch(head, t_feats), levels)["kd_feat"]
+        kd_balanced = balanced(student, TeacherBatch(head, t_feats))["kd_feat"]
+        kd_equal = equal(student, TeacherBatch(head, t_feats))["kd_feat"]
     assert float(kd_equal) == pytest.approx(float(sum(per_level)) / 2, rel=1e-5)
     assert float(kd_balanced) == pytest.approx(float(per_level[0]), rel=1e-5)  # P4's share is ~1e-8
     with pytest.raises(UserError, match="unknown level_balance 'area'"):

@@ -54,7 +54,7 @@ class Distiller(nn.Module):
     def item_names(self) -> list[str]:
         return [term.item for term in self.terms.values()]
 
-    def forward(self, student, teacher: TeacherBatch, student_levels: list[str] | None = None) -> dict[str, Tensor]:
+    def forward(self, student, teacher: TeacherBatch) -> dict[str, Tensor]:
         """Weighted distillation terms (already multiplied by the schedule factor), keyed by item name.
 
         `student`: the student's training output, `{boxes, scores, feats}` or, end-to-end, one such dict per branch."""
