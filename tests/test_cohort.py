@@ -12,7 +12,7 @@ import torch
 from conftest import assert_clean_error, run_cli
 
 from softlabel.errors import UserError
-from softlabel.train.cohort import Member, expand_members, parse_sweep
+from softlabel.train.members import Member, expand_members, parse_sweep
 from softlabel.train.dataset import DistillDataset
 from softlabel.train.stream import SharedStream
 from softlabel.train.trainer import DistillTrainer
