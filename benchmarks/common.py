@@ -164,12 +164,13 @@ def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
     return save_checkpoint_from_yaml(cfg, data_names(data_yaml), path)
 
 
-KEPT_HELP = ("anchors a typical image keeps in the default store (cap 512, floor 0.005). A teacher with random weights "
-             "scores every anchor below the floor and would keep none, and its vanishing features compress unlike a "
-             "trained teacher's; so its batch norms are set from the data and its class biases shifted until an image "
-             "keeps N anchors on average (calibrate_teacher). Default: the share of anchors a trained teacher kept at 640 px "
-             "(results/topk.json: 135 of 8,400) at this image size. 512 (the cap) or more: every image keeps 512, dumped "
-             "with --head-floor 0, an upper bound on bytes and time. 0: the raw random teacher")
+KEPT_HELP = ("anchors a typical image keeps in the default store (for a DFL head cap 512, floor 0.005; for a distance "
+             "head cap 1024, floor 0.001). A teacher with random weights scores every anchor below the floor and would keep "
+             "none, and its vanishing features compress unlike a trained teacher's; so its batch norms are set from the data "
+             "and its class biases shifted until an image keeps N anchors on average (calibrate_teacher). Default: the share "
+             "of anchors a trained teacher kept at 640 px (results/topk.json: 135 of 8,400; topk-yolo26-one2many.json: 215) "
+             "at this image size. The cap or more: every image keeps the cap, dumped with --head-floor 0, an upper bound on "
+             "bytes and time. 0: the raw random teacher")
 
 
 def add_kept_arg(parser) -> None:
