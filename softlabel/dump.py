@@ -189,6 +189,12 @@ def resolve_head(settings: DumpSettings, reg_max: int) -> DumpSettings:
     return settings
 
 
+def _check_feature_rows(settings: DumpSettings) -> None:
+    """1 <= --feature-rows <= --head-topk, where the cap is known (given, or resolved for the teacher's head)."""
+    if settings.feature_rows < 1 or settings.head_topk and settings.feature_rows > settings.head_topk:
+        raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
+
+
 def prepare(settings: DumpSettings):
     """Everything that can fail on bad input, before the store is touched."""
     if settings.views < 1:
@@ -223,8 +229,7 @@ def prepare(settings: DumpSettings):
     if settings.feature_rows is not None:
         if not sparse_features(settings):
             raise UserError("--feature-rows applies to sparse features (--features sparse) only")
-        if settings.feature_rows < 1 or settings.head_topk and settings.feature_rows > settings.head_topk:
-            raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
+        _check_feature_rows(settings)  # against a --head-topk given; the default cap is checked once the head is known
     codec_choice(settings.codec)
     settings.out = store.resolve_link(settings.out)
     store.require_writable(settings.out, settings.overwrite)
@@ -234,8 +239,8 @@ def prepare(settings: DumpSettings):
     teacher = Teacher.load(settings.teacher, device=device, amp=settings.half, branch=settings.branch)
     info = teacher.info
     resolve_head(settings, info.reg_max)
-    if settings.feature_rows and settings.feature_rows > settings.head_topk:  # the cap is known once the head is
-        raise UserError(f"--feature-rows {settings.feature_rows}: must be between 1 and --head-topk ({settings.head_topk})")
+    if settings.feature_rows:
+        _check_feature_rows(settings)
     check_class_names(info.names, list(spec.names), settings.teacher, spec.yaml_path)
     levels = list(settings.levels) if settings.levels else list(info.levels)
     unknown = [lvl for lvl in levels if lvl not in info.levels]

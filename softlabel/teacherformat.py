@@ -95,9 +95,11 @@ class HeadFormat:
                 out.feat_scale = {lvl: stored[f"feat_scale/{lvl}"] for lvl in self.layout.feat}
         return out
 
-    def _values(self, a: np.ndarray) -> np.ndarray:
-        """int8 stays int8 (its scale travels beside it); bfloat16 bits become float32."""
-        return dequantise(a, self.layout.precision, None, 0) if self.layout.precision == "bfloat16" else a
+    def _values(self, a: np.ndarray, precision: str | None = None) -> np.ndarray:
+        """Stored at `precision` (default: the layout's): int8 stays int8 (its scale travels beside it); bfloat16 bits
+        become float32."""
+        precision = precision or self.layout.precision
+        return dequantise(a, precision, None, 0) if precision == "bfloat16" else a
 
     def _decode_head(self, stored: dict[str, np.ndarray], out: TeacherSample) -> None:
         raise NotImplementedError
@@ -206,9 +208,7 @@ class SparseHead(HeadFormat):
         out.index, out.background, out.floor = stored["head/index"], stored["head/background"], float(self.layout.sparse["floor"])
         out.values, out.values_scale = self._values(stored["head/values"]), stored.get("head/scale")
         if self.boxes_apart:
-            boxes = stored["head/boxes"]
-            out.boxes = dequantise(boxes, "bfloat16", None, 0) if self.layout.box_precision == "bfloat16" else boxes
-            out.boxes_scale = stored.get("head/box_scale")
+            out.boxes, out.boxes_scale = self._values(stored["head/boxes"], self.layout.box_precision), stored.get("head/box_scale")
 
     @staticmethod
     def _pack(samples: list[TeacherSample]) -> TeacherBatch:

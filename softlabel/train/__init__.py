@@ -4,7 +4,8 @@ plan (which view an epoch replays), sampler (the epoch-carrying order), dataset 
 plus teacher tensors, and their collate), trainer (the DetectionTrainer subclass that wraps the
 student with its distillation terms), checkpoint (best.pt as a plain student), cachecheck (what a
 trainer refuses), runner (several students in turn, one table), stream (one batch stream that several
-trainers read) and cohort (students trained at once on it, sweeps, the cohort folder and its resume).
+trainers read), members (a cohort's students and sweeps), turns (their set-up one at a time), cohortfile
+(the cohort folder and its manifest) and cohort (the members trained at once on one stream).
 """
 
 from softlabel.student import resolve_student
