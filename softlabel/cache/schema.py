@@ -10,6 +10,9 @@ Layout (zarr v3), schema 5:
     {view}/head/values      [N, K, 4*reg_max+nc]      their box outputs (DFL bins, or 4 distances) and class logits
     {view}/head/scale       [N, 4*reg_max+nc] float32 int8 only
     {view}/head/background  [N, nc] float16           the class logit of every other anchor
+    with the box outputs apart (storage.box_precision; a distance head's default, float32):
+    {view}/head/values      [N, K, nc]                the class logits only (head/scale [N, nc] for int8)
+    {view}/head/boxes       [N, K, 4*reg_max]         the box outputs at box_precision (head/box_scale [N, 4*reg_max] for int8)
   dense head (--head-topk 0):
     {view}/head/{level}     [N, 4*reg_max+nc, H, W]   with head_scale/{level} [N, 4*reg_max+nc] (int8)
   sparse features (default, needs a sparse head; storage.feature_layout "sparse"; F = head_sparse.feature_rows <= K):
@@ -21,7 +24,8 @@ Layout (zarr v3), schema 5:
     {view}/feat/{level}     [N, C, H, W]              with feat_scale/{level} [N, C] (int8)
     {view}/done             [N/S] uint8               1 once every array of that shard is durable
 with view = v{k} (mosaic views) and c{m} (closing views); shard = S consecutive samples; values and
-rows are int8 (default), float16 or bfloat16 (its raw bits as uint16).
+rows are int8 (a DFL head's default), float16 (a distance head's default), bfloat16 (its raw bits as uint16)
+or float32.
 
 Schema 6 describes the teacher's head (its branches, the branch kept, box outputs of any reg_max, 1 for
 distances); schema 5 seals every record with its digest; schema 4 stores feature rows for the first F kept anchors only (all K before); schema 3 changed
