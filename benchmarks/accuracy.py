@@ -70,6 +70,7 @@ MODES = ["plain", "offline", "online", "ultralytics"]
 MAP = "metrics/mAP50-95(B)"
 KD_TERMS = ("train/kd_cls", "train/kd_box", "train/kd_feat")
 DENSE_STORAGE = {"precision": "float16", "head_topk": 0, "feature_layout": "dense"}
+TAIL = 10  # epochs at the end of a run averaged by tail_mean
 FLAT_SHARE, FLAT_GAIN = 0.2, 0.01  # flattened: the last 20% of epochs gain less than 0.01 mAP50-95
 SOURCE_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)  # finetune regime: no digit image in common
 
@@ -174,6 +175,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-branch", choices=["one2many", "one2one", "mean"], default=None,
                    help="end-to-end teacher: the branch cached, as softlabel dump --teacher-branch (default: one2many)")
     p.add_argument("--head-floor", type=float, default=None, help="sparse head: minimum teacher score, as softlabel dump --head-floor")
+    p.add_argument("--feature-rows", type=int, default=None,
+                   help="sparse features: feature vectors kept per image, as softlabel dump --feature-rows")
     p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/accuracy.json, accuracy-converged.json, "
                    "accuracy-finetune.json or accuracy-trees.json by preset, -views added with --views-study; WORK/result.json for the -quick variants); "
                    "the plot goes beside it")
@@ -290,6 +293,12 @@ def run_mode(mode: str, student: str, seed: int, args, ctx: dict, store: Path | 
     return {"map50_95": map50_95, "map50": map50, "seconds": seconds, "run": str(run), **run_curves(run)}
 
 
+def tail_mean(curve: list[float]) -> float | None:
+    """Mean val mAP50-95 over a run's last TAIL epochs: where val swings from one epoch to the next (few optimizer
+    steps, so Ultralytics' EMA, warming up over 2,000 updates, barely averages), the best epoch is partly luck."""
+    return statistics.fmean(curve[-TAIL:]) if curve else None
+
+
 def summarise(runs: list[dict], seeds: list[int]) -> dict:
     out: dict = {"seeds": seeds}
     for key in ("map50_95", "map50", "seconds"):
@@ -297,7 +306,16 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
         out[key] = values
         out[f"{key}_mean"] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
+    return {**out, **summarise_tail([r.get("curve") or [] for r in runs])}
+
+
+def summarise_tail(curves: list[list[float]]) -> dict:
+    """tail_mean of each seed's curve, and their mean and sample spread (None where a run has no curve)."""
+    tails = [tail_mean(c) for c in curves]
+    if not tails or None in tails:
+        return {"map50_95_tail": None, "map50_95_tail_mean": None, "map50_95_tail_std": None}
+    return {"map50_95_tail": tails, "map50_95_tail_mean": statistics.fmean(tails),
+            "map50_95_tail_std": statistics.stdev(tails) if len(tails) > 1 else 0.0}
 
 
 def mean_curve(curves: list[list[float]]) -> list[float]:
@@ -395,7 +413,7 @@ def main() -> None:
 
     close_views = 1 if min(args.close_mosaic, args.epochs - 1) > 0 else 0
     storage = {k: v for k, v in (("precision", args.precision), ("head_topk", args.head_topk), ("head_floor", args.head_floor),
-                                            ("feature_layout", args.features), ("branch", args.teacher_branch)) if v is not None}
+                                            ("feature_layout", args.features), ("feature_rows", args.feature_rows), ("branch", args.teacher_branch)) if v is not None}
     ctx = {"data": data_yaml, "data_id": data_id, "teacher": teacher, "recipe": recipe, "close_views": close_views, "init": init}
     ctx["store"] = store = ensure_store(args, ctx, args.views, storage)
     ctx["augment"] = store.parent / f"{store.stem}.augment.yaml"
@@ -529,8 +547,9 @@ def render(result: dict, args, out: Path) -> str:
     plain = result["modes"].get("plain")
     for m, s in result["modes"].items():
         gain = s["map50_95_mean"] - plain["map50_95_mean"] if plain else None
+        tail = cell(s["map50_95_tail_mean"], s["map50_95_tail_std"]) if s.get("map50_95_tail_mean") is not None else "-"
         rows.append([f"{Path(args.student).stem} {m}", len(s["seeds"]), cell(s["map50_95_mean"], s["map50_95_std"]),
-                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None or m == "plain" else f"{gain:+.4f}"])
+                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None or m == "plain" else f"{gain:+.4f}", tail])
     for k, s in (result["views_study"] or {}).items():
         gain = s["map50_95_mean"] - plain["map50_95_mean"] if plain else None
         rows.append([f"{Path(args.student).stem} offline, {k} views", len(s["seeds"]), cell(s["map50_95_mean"], s["map50_95_std"]),
@@ -555,7 +574,10 @@ def render(result: dict, args, out: Path) -> str:
     footer.append(f"val split of {result['dataset']}; wall time {result['wall_seconds'] / 60:.1f} min; written to {out}")
     if args.preset.endswith("quick"):
         footer.insert(0, "QUICK RUN: a smoke test; these numbers mean nothing.")
-    return common.table(["model / mode", "seeds", "mAP50-95", "mAP50", "Δ vs plain"], rows, title, footer)
+    width = max(len(r) for r in rows)
+    rows = [r + ["-"] * (width - len(r)) for r in rows]
+    return common.table(["model / mode", "seeds", "mAP50-95", "mAP50", "Δ vs plain", f"mAP50-95, last {TAIL} epochs"][:width],
+                        rows, title, footer)
 
 
 if __name__ == "__main__":

@@ -158,9 +158,11 @@ def data_names(data_yaml: Path) -> list[str]:
 
 
 def make_teacher(cfg: str, data_yaml: Path, path: Path) -> Path:
-    """A teacher with random weights built from a model yaml (no download), sized for the dataset's classes."""
+    """A teacher with random weights built from a model yaml (no download), sized for the dataset's classes; the same
+    weights on every call (seed 0), so a benchmark on a random teacher repeats its bytes."""
     from softlabel.teacher import save_checkpoint_from_yaml
 
+    torch.manual_seed(0)
     return save_checkpoint_from_yaml(cfg, data_names(data_yaml), path)
 
 

@@ -3,8 +3,11 @@ result with the mean and sample standard deviation over the seeds, and print the
 
     python benchmarks/merge_seeds.py OUT.json SEED0.json SEED1.json SEED2.json
 
-Each input must have the same preset, student, teacher weights and modes; the merged file keeps the first input's
-header and settings, lists its inputs, and carries every mode's per-seed values, runs and curves.
+Each input must have the same preset, data settings and student, and every input that distils the same teacher
+weights (a plain run reads no teacher, so its input may name another). Inputs may hold different modes, one process
+per mode and seed: each mode gathers its seeds from the inputs that ran it, and no seed of a mode may come twice. The
+merged file keeps the first input's header and settings, lists its inputs, and carries every mode's per-seed values,
+runs and curves; its teacher is that of the inputs that distil.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import accuracy
 import common
 
 SAME = ("preset", "regime", "epochs")
@@ -31,25 +36,33 @@ def merge(paths: list[Path]) -> dict:
         for key in SAME_SETTINGS:
             if part["settings"].get(key) != first["settings"].get(key):
                 raise SystemExit(f"{p}: setting {key} {part['settings'].get(key)!r} differs from {paths[0]}'s")
-        if part["teacher"]["weights"] != first["teacher"]["weights"] or part["settings"]["student"] != first["settings"]["student"]:
-            raise SystemExit(f"{p}: another teacher or student than {paths[0]}")
-        if set(part["modes"]) != set(first["modes"]):
-            raise SystemExit(f"{p}: modes {sorted(part['modes'])} differ from {sorted(first['modes'])}")
-    seeds = [s for part in parts for s in next(iter(part["modes"].values()))["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"a seed appears in more than one input: {seeds}")
+        if part["settings"]["student"] != first["settings"]["student"]:
+            raise SystemExit(f"{p}: another student than {paths[0]}")
+    distilling = [(p, part) for p, part in zip(paths, parts) if set(part["modes"]) - {"plain"}]
+    for p, part in distilling[1:]:
+        if part["teacher"]["weights"] != distilling[0][1]["teacher"]["weights"]:
+            raise SystemExit(f"{p}: another teacher than {distilling[0][0]}")
+    names = list(dict.fromkeys(m for part in parts for m in part["modes"]))
     modes = {}
-    for m in first["modes"]:
-        entry: dict = {"seeds": [s for part in parts for s in part["modes"][m]["seeds"]]}
+    for m in names:
+        having = [part for part in parts if m in part["modes"]]
+        entry: dict = {"seeds": [s for part in having for s in part["modes"][m]["seeds"]]}
+        if len(set(entry["seeds"])) != len(entry["seeds"]):
+            raise SystemExit(f"mode {m}: a seed appears in more than one input: {entry['seeds']}")
         for key in ("map50_95", "map50", "seconds"):
-            values = [v for part in parts for v in part["modes"][m][key]]
+            values = [v for part in having for v in part["modes"][m][key]]
             entry[key] = values
             entry[f"{key}_mean"] = statistics.fmean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        entry["runs"] = [r for part in parts for r in part["modes"][m]["runs"]]
+        entry["runs"] = [r for part in having for r in part["modes"][m]["runs"]]
         modes[m] = entry
-    curves = {m: {k: v for part in parts for k, v in part.get("curves", {}).get(m, {}).items()} for m in first["modes"]}
-    return {**first, "modes": modes, "curves": curves, "merged_from": [str(p) for p in paths],
+    curves = {m: {k: v for part in parts for k, v in part.get("curves", {}).get(m, {}).items()} for m in names}
+    for m, entry in modes.items():  # seeds in the order of entry["seeds"]: each input's curves are keyed by seed
+        entry.update(accuracy.summarise_tail([curves[m].get(str(seed)) or [] for seed in entry["seeds"]]))
+    teacher = (distilling[0][1] if distilling else first)["teacher"]
+    flat = accuracy.flatness(accuracy.mean_curve(list(curves["plain"].values()))) if curves.get("plain") else None
+    return {**first, "teacher": teacher, "modes": modes, "curves": curves, "plain_flatness": flat,
+            "plain_flattened": flat["flattened"] if flat else None, "views_study": None, "merged_from": [str(p) for p in paths],
             "datasets": [part["dataset"] for part in parts],
             "command": "benchmarks/merge_seeds.py " + " ".join(str(p) for p in paths)}
 
@@ -60,16 +73,24 @@ def main() -> None:
     out, paths = Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]]
     result = merge(paths)
     common.write_json(out, result)
+    seeds = sorted({s for m in result["modes"].values() for s in m["seeds"]})
+    args = SimpleNamespace(**{**result["settings"], "seeds": seeds})
+    result["plot"] = str(accuracy.plot(result, args, out.with_suffix(".png")))
+    common.write_json(out, result)
     plain = result["modes"].get("plain")
     rows = []
     for m, s in result["modes"].items():
         gain = f"{s['map50_95_mean'] - plain['map50_95_mean']:+.4f}" if plain and m != "plain" else "-"
+        tail = f"{s['map50_95_tail_mean']:.4f} ± {s['map50_95_tail_std']:.4f}" if s["map50_95_tail_mean"] is not None else "-"
+        tail_gain = (f"{s['map50_95_tail_mean'] - plain['map50_95_tail_mean']:+.4f}" if plain and m != "plain"
+                     and None not in (s["map50_95_tail_mean"], plain["map50_95_tail_mean"]) else "-")
         rows.append([f"{result['settings']['student']} {m}", len(s["seeds"]), f"{s['map50_95_mean']:.4f} ± {s['map50_95_std']:.4f}",
-                     f"{s['map50_mean']:.4f} ± {s['map50_std']:.4f}", gain])
+                     f"{s['map50_mean']:.4f} ± {s['map50_std']:.4f}", gain, tail, tail_gain])
     t = result["teacher"]
-    rows.insert(0, [f"teacher {t['model']}", "-", f"{t['map50_95']:.4f}", f"{t['map50']:.4f}", "-"])
-    print(common.table(["model / mode", "seeds", "mAP50-95", "mAP50", "Δ vs plain"], rows,
-                       title=f"{result['preset']} preset, merged over seeds {[s for s in next(iter(result['modes'].values()))['seeds']]}",
+    rows.insert(0, [f"teacher {t['model']}", "-", f"{t['map50_95']:.4f}", f"{t['map50']:.4f}", "-", "-", "-"])
+    print(common.table(["model / mode", "seeds", "mAP50-95 (best epoch)", "mAP50", "Δ vs plain",
+                        f"mAP50-95, last {accuracy.TAIL} epochs", "Δ vs plain"], rows,
+                       title=f"{result['preset']} preset, merged from {len(result['merged_from'])} inputs",
                        footer=[f"written to {out}"]))
 
 

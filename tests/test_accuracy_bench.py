@@ -1,5 +1,5 @@
 """The accuracy benchmark's curve reading (plain's flatness, the views study's fitting signal) and its
-trees dataset (benchmarks/trees.py)."""
+trees dataset (benchmarks/trees.py), and the merge of results that ran a mode and seed each."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
+import merge_seeds  # noqa: E402
 import trees  # noqa: E402
 
 
@@ -23,6 +24,14 @@ def test_flatness_looks_at_the_last_fifth_of_the_epochs():
     plateau = [min(0.3, 0.05 * e) + 0.001 * e for e in range(1, 21)]
     assert accuracy.flatness(plateau)["flattened"] and accuracy.flatness(plateau)["gain"] > 0
     assert accuracy.mean_curve([[0.1, 0.3, 0.5], [0.3, 0.5]]) == [0.2, 0.4]
+
+
+def test_tail_mean_averages_the_last_epochs_of_each_seed():
+    curve = [0.5] * 5 + [0.1 * i for i in range(accuracy.TAIL)]  # the early epochs are left out
+    assert accuracy.tail_mean(curve) == pytest.approx(0.1 * (accuracy.TAIL - 1) / 2)
+    tail = accuracy.summarise_tail([curve, [0.2] * 20])
+    assert tail["map50_95_tail"] == pytest.approx([0.45, 0.2]) and tail["map50_95_tail_std"] == pytest.approx(0.25 / 2 ** 0.5)
+    assert accuracy.summarise_tail([curve, []])["map50_95_tail_mean"] is None  # a run without a curve has no tail
 
 
 def test_fit_signal_finds_where_val_stops_rising_while_the_distillation_loss_still_falls():
@@ -91,3 +100,33 @@ def test_trees_build_is_deterministic_and_reused_by_its_manifest(tree_tiles, tmp
     _, small, reused = trees.ensure_trees(tmp_path / "again", max_train=8, max_val=4)
     assert not reused and (small["splits"]["train"]["tiles"], small["splits"]["val"]["tiles"]) == (8, 4)
     assert len(list((tmp_path / "again" / "images" / "train").glob("*.png"))) == 8
+
+
+def _seed_result(path: Path, mode: str, seed: int, value: float, teacher: str) -> Path:
+    import json
+
+    settings = {k: 1 for k in merge_seeds.SAME_SETTINGS} | {"student": "yolov8n"}
+    modes = {mode: {"seeds": [seed], "map50_95": [value], "map50": [2 * value], "seconds": [10.0], "runs": [f"{mode}-s{seed}"]}}
+    path.write_text(json.dumps({"preset": "trees", "regime": "scratch", "epochs": 100, "settings": settings, "dataset": "d",
+                                "teacher": {"weights": teacher}, "modes": modes, "curves": {mode: {str(seed): [value]}}}))
+    return path
+
+
+def test_merge_gathers_each_mode_from_the_runs_of_that_mode(tmp_path):
+    """One process per mode and seed: each mode's mean and sample spread are over its own seeds, and a plain run
+    may name another teacher (it reads none), while two distilling runs of different teachers are refused."""
+    import statistics
+
+    plain = [_seed_result(tmp_path / f"p{s}.json", "plain", s, v, "old.pt") for s, v in ((0, 0.10), (1, 0.12), (2, 0.11))]
+    offline = [_seed_result(tmp_path / f"o{s}.json", "offline", s, v, "new.pt") for s, v in ((0, 0.15), (1, 0.13), (2, 0.17))]
+    merged = merge_seeds.merge(plain + offline)
+    assert merged["modes"]["plain"]["seeds"] == [0, 1, 2] and merged["modes"]["offline"]["seeds"] == [0, 1, 2]
+    assert merged["modes"]["offline"]["map50_95_mean"] == pytest.approx(0.15)
+    assert merged["modes"]["plain"]["map50_95_std"] == pytest.approx(statistics.stdev([0.10, 0.12, 0.11]))
+    assert merged["teacher"]["weights"] == "new.pt" and merged["curves"]["offline"] == {"0": [0.15], "1": [0.13], "2": [0.17]}
+    assert merged["modes"]["plain"]["map50_95_tail"] == pytest.approx([0.10, 0.12, 0.11])  # each seed's own curve
+    other = _seed_result(tmp_path / "o3.json", "offline", 3, 0.2, "other.pt")
+    with pytest.raises(SystemExit, match="another teacher"):
+        merge_seeds.merge(offline + [other])
+    with pytest.raises(SystemExit, match="more than one input"):
+        merge_seeds.merge(offline + [_seed_result(tmp_path / "again.json", "offline", 1, 0.2, "new.pt")])
