@@ -535,31 +535,36 @@ def plot(result: dict, args, path: Path) -> Path:
     return path
 
 
-def render(result: dict, args, out: Path) -> str:
-    def cell(mean: float, std: float) -> str:
-        return f"{mean:.4f} ± {std:.4f}"
+def cell(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
 
+
+def tail_cell(s: dict) -> str:
+    """A summary's mean over the last TAIL epochs, or '-' where its runs had no curve."""
+    return cell(s["map50_95_tail_mean"], s["map50_95_tail_std"]) if s.get("map50_95_tail_mean") is not None else "-"
+
+
+def render(result: dict, args, out: Path) -> str:
     t = result["teacher"]
-    rows = [[f"teacher {t['model']}" + (", pretrained on the source" if t.get("pretrain") else ""), "-", f"{t['map50_95']:.4f}", f"{t['map50']:.4f}", "-"]]
+    rows = [[f"teacher {t['model']}" + (", pretrained on the source" if t.get("pretrain") else ""), "-", f"{t['map50_95']:.4f}", f"{t['map50']:.4f}", "-", "-"]]
     if result["pretrain"]:
         rows.append([f"{Path(args.student).stem} pretrained, before fine-tuning", "-", f"{result['pretrain']['target_map50_95_before']:.4f}",
-                     f"{result['pretrain']['target_map50_before']:.4f}", "-"])
+                     f"{result['pretrain']['target_map50_before']:.4f}", "-", "-"])
     plain = result["modes"].get("plain")
     for m, s in result["modes"].items():
         gain = s["map50_95_mean"] - plain["map50_95_mean"] if plain else None
-        tail = cell(s["map50_95_tail_mean"], s["map50_95_tail_std"]) if s.get("map50_95_tail_mean") is not None else "-"
         rows.append([f"{Path(args.student).stem} {m}", len(s["seeds"]), cell(s["map50_95_mean"], s["map50_95_std"]),
-                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None or m == "plain" else f"{gain:+.4f}", tail])
+                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None or m == "plain" else f"{gain:+.4f}", tail_cell(s)])
     for k, s in (result["views_study"] or {}).items():
         gain = s["map50_95_mean"] - plain["map50_95_mean"] if plain else None
         rows.append([f"{Path(args.student).stem} offline, {k} views", len(s["seeds"]), cell(s["map50_95_mean"], s["map50_95_std"]),
-                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None else f"{gain:+.4f}"])
+                     cell(s["map50_mean"], s["map50_std"]), "-" if gain is None else f"{gain:+.4f}", tail_cell(s)])
     for name, e in result["reuse"].items():
         for m in ("plain", "offline"):
             s = e[m]
             gain = e["gain_map50_95"] if m == "offline" else None
             rows.append([f"{name} {m} (reuse)", len(s["seeds"]), cell(s["map50_95_mean"], s["map50_95_std"]),
-                         cell(s["map50_mean"], s["map50_std"]), "-" if gain is None else f"{gain:+.4f}"])
+                         cell(s["map50_mean"], s["map50_std"]), "-" if gain is None else f"{gain:+.4f}", tail_cell(s)])
     title = (f"{args.preset} preset ({result['regime']}): {Path(args.student).stem} student, {t['model']} teacher, imgsz {args.imgsz}, "
              f"{args.epochs} epochs, batch {args.batch}, nbs {result['recipe']['nbs'] or args.batch}, device {args.device}; mean ± std over seeds")
     footer = []
@@ -574,10 +579,7 @@ def render(result: dict, args, out: Path) -> str:
     footer.append(f"val split of {result['dataset']}; wall time {result['wall_seconds'] / 60:.1f} min; written to {out}")
     if args.preset.endswith("quick"):
         footer.insert(0, "QUICK RUN: a smoke test; these numbers mean nothing.")
-    width = max(len(r) for r in rows)
-    rows = [r + ["-"] * (width - len(r)) for r in rows]
-    return common.table(["model / mode", "seeds", "mAP50-95", "mAP50", "Δ vs plain", f"mAP50-95, last {TAIL} epochs"][:width],
-                        rows, title, footer)
+    return common.table(["model / mode", "seeds", "mAP50-95", "mAP50", "Δ vs plain", f"mAP50-95, last {TAIL} epochs"], rows, title, footer)
 
 
 if __name__ == "__main__":

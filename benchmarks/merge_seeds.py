@@ -81,11 +81,10 @@ def main() -> None:
     rows = []
     for m, s in result["modes"].items():
         gain = f"{s['map50_95_mean'] - plain['map50_95_mean']:+.4f}" if plain and m != "plain" else "-"
-        tail = f"{s['map50_95_tail_mean']:.4f} ± {s['map50_95_tail_std']:.4f}" if s["map50_95_tail_mean"] is not None else "-"
         tail_gain = (f"{s['map50_95_tail_mean'] - plain['map50_95_tail_mean']:+.4f}" if plain and m != "plain"
                      and None not in (s["map50_95_tail_mean"], plain["map50_95_tail_mean"]) else "-")
-        rows.append([f"{result['settings']['student']} {m}", len(s["seeds"]), f"{s['map50_95_mean']:.4f} ± {s['map50_95_std']:.4f}",
-                     f"{s['map50_mean']:.4f} ± {s['map50_std']:.4f}", gain, tail, tail_gain])
+        rows.append([f"{result['settings']['student']} {m}", len(s["seeds"]), accuracy.cell(s["map50_95_mean"], s["map50_95_std"]),
+                     accuracy.cell(s["map50_mean"], s["map50_std"]), gain, accuracy.tail_cell(s), tail_gain])
     t = result["teacher"]
     rows.insert(0, [f"teacher {t['model']}", "-", f"{t['map50_95']:.4f}", f"{t['map50']:.4f}", "-", "-", "-"])
     print(common.table(["model / mode", "seeds", "mAP50-95 (best epoch)", "mAP50", "Δ vs plain",
