@@ -1,5 +1,5 @@
 """The accuracy benchmark's curve reading (plain's flatness, the views study's fitting signal) and its
-trees dataset (benchmarks/trees.py), and the merge of results that ran a mode and seed each."""
+trees dataset (benchmarks/trees.py), the merge of results that ran a mode and seed each, and the ablation table."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import ablations  # noqa: E402
 import accuracy  # noqa: E402
 import merge_seeds  # noqa: E402
 import trees  # noqa: E402
@@ -130,3 +131,33 @@ def test_merge_gathers_each_mode_from_the_runs_of_that_mode(tmp_path):
         merge_seeds.merge(offline + [other])
     with pytest.raises(SystemExit, match="more than one input"):
         merge_seeds.merge(offline + [_seed_result(tmp_path / "again.json", "offline", 1, 0.2, "new.pt")])
+
+
+def test_ablation_rows_are_paired_with_the_default_run_of_the_same_seed(tmp_path):
+    """Each ablation seed is set against the default offline run of that seed, whatever order the files come in;
+    an ablation seed with no default run, or another teacher, is refused."""
+    import json
+
+    base = {"preset": "trees", "epochs": 100, "settings": {"student": "yolov8n"},
+            "teacher": {"weights": "t.pt", "model": "yolov8s", "map50_95": 0.2},
+            "modes": {"offline": {"seeds": [0, 1, 2], "map50_95": [0.10, 0.20, 0.30], "map50_95_mean": 0.2, "map50_95_std": 0.1,
+                                  "map50_95_tail": [0.10, 0.20, 0.30], "map50_95_tail_mean": 0.2, "map50_95_tail_std": 0.1}}}
+    table = tmp_path / "accuracy-trees.json"
+    table.write_text(json.dumps(base))
+    runs = [_seed_result(tmp_path / f"accuracy-trees-ablation-wide-seed{s}.json", "offline", s, v, "t.pt")
+            for s, v in ((2, 0.33), (0, 0.14), (1, 0.20))]
+    runs.append(_seed_result(tmp_path / "accuracy-trees-ablation-off-seed0.json", "offline", 0, 0.05, "t.pt"))
+    result = ablations.build(table, runs)
+    wide, off = result["ablations"]
+    assert (wide["name"], wide["seeds"], off["name"]) == ("wide", [2, 0, 1], "off")
+    assert wide["map50_95_vs_default"] == pytest.approx([0.03, 0.04, 0.0])
+    assert wide["map50_95_vs_default_mean"] == pytest.approx(0.07 / 3)
+    assert wide["map50_95_tail_vs_default"] == pytest.approx([0.03, 0.04, 0.0])  # each curve here is its one value
+    assert off["map50_95_vs_default"] == pytest.approx([-0.05]) and off["map50_95_vs_default_std"] == 0.0
+    assert "wide" in ablations.render(result, tmp_path / "out.json")
+    stray = _seed_result(tmp_path / "accuracy-trees-ablation-more-seed7.json", "offline", 7, 0.1, "t.pt")
+    with pytest.raises(SystemExit, match=r"seeds \[7\] have no default"):
+        ablations.build(table, [stray])
+    other = _seed_result(tmp_path / "accuracy-trees-ablation-else-seed0.json", "offline", 0, 0.1, "u.pt")
+    with pytest.raises(SystemExit, match="not the table's"):
+        ablations.build(table, [other])
