@@ -27,8 +27,9 @@ from softlabel.checks import check_class_names, check_out_outside_data
 from softlabel.data import build_index, load_data_yaml
 from softlabel.errors import UserError
 from softlabel.replay import Replay, View, all_views
-from softlabel.select import encode_batch, to_host
+from softlabel.select import to_host
 from softlabel.teacher import Teacher, to_model_input
+from softlabel.teacherformat import HeadFormat
 from softlabel.dumpsettings import DEFAULT_FEATURE_ROWS, DEFAULT_HEAD_FLOOR, DEFAULT_HEAD_TOPK, FEW_KEPT, SAME, DumpSettings, store_defaults  # noqa: F401 (re-exported)
 
 
@@ -351,11 +352,12 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
     bar = tqdm(total=len(items), unit="img", desc=desc, disable=not settings.progress, dynamic_ncols=True, position=rank)
     written, host_bytes, host_samples = 0, 0, 0
     first = bool(layout.sparse)
+    fmt = HeadFormat.of(layout)
     try:
         for view_keys, indices, images, fps in loader:
             out = teacher(to_model_input(images, teacher.device))
             # selected and quantised where the teacher ran: only the stored arrays cross to the host
-            stored, copied = to_host(encode_batch(out.head, out.feat, layout))
+            stored, copied = to_host(fmt.encode(out.head, out.feat), fmt.row_spans())
             if first:
                 warn_few_kept((stored["head/index"] >= 0).sum(1), layout, bar)
                 first = False

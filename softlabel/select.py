@@ -103,12 +103,14 @@ def encode_batch(head: list[Tensor], feat: list[Tensor], layout) -> dict[str, Te
 SLOTTED = ("head/index", "head/values", "head/boxes", "feat/rows")
 
 
-def to_host(arrays: dict[str, Tensor]) -> tuple[dict, int]:
+def to_host(arrays: dict[str, Tensor], row_spans: list[tuple[int, int, int]] | None = None) -> tuple[dict, int]:
     """The stored arrays as numpy on the host: the only copy from the teacher's device.
 
     Of a sparse store's slotted arrays only the kept slots cross (kept anchors are a prefix of the
     slots), with one count per sample; the host rebuilds the padded arrays (index -1, zeros), equal
-    to copying them whole. Returns (arrays, bytes copied from the device)."""
+    to copying them whole. With `row_spans`, (first anchor, end anchor, channels) of each head level
+    (HeadFormat.row_spans), a feature row crosses only its own level's channels: past them it is
+    zero padding to the widest level. Returns (arrays, bytes copied from the device)."""
     import numpy as np
 
     def host(t: Tensor):
@@ -123,15 +125,40 @@ def to_host(arrays: dict[str, Tensor]) -> tuple[dict, int]:
         slots = np.arange(arrays["head/index"].shape[1])
         kept = slots[None, :] < counts[:, None]  # [B, K] on the host
         keep_device = arrays["head/index"] >= 0
-    for name, t in arrays.items():
+    # the index first: the host reads each row's level from it
+    for name in sorted(arrays, key=lambda k: k != "head/index"):
+        t = arrays[name]
         if kept is None or name not in SLOTTED:
             out[name] = host(t)
             copied += out[name].nbytes
             continue
         n = t.shape[1]
+        if name == "feat/rows" and row_spans:
+            out[name], nbytes = _rows_to_host(t, arrays["head/index"][:, :n], out["head/index"][:, :n], row_spans, host)
+            copied += nbytes
+            continue
         packed = host(t[keep_device[:, :n]])  # [kept slots, ...]
         copied += packed.nbytes
         full = np.full(tuple(t.shape), -1 if name == "head/index" else 0, dtype=packed.dtype)
         full[kept[:, :n]] = packed
         out[name] = full
     return out, copied
+
+
+def _rows_to_host(rows: Tensor, index: Tensor, index_host, spans: list[tuple[int, int, int]], host) -> tuple:
+    """Feature rows [B, F, W] -> host, each level's kept rows cut to its channels (unused slots, index -1, are in no
+    level). Returns (rows as numpy [B, F, W], bytes copied)."""
+    import numpy as np
+
+    full, copied = None, 0
+    for start, end, channels in spans:
+        if channels == 0:
+            continue  # a level whose features the store does not keep: its rows are all zero
+        packed = host(rows[(index >= start) & (index < end)][:, :channels])  # [rows of this level, C_l]
+        copied += packed.nbytes
+        if full is None:
+            full = np.zeros(tuple(rows.shape), dtype=packed.dtype)
+        full[(index_host >= start) & (index_host < end), :channels] = packed
+    if full is None:  # no level keeps features: nothing to copy but the dtype
+        full = np.zeros(tuple(rows.shape), dtype=host(rows[:0]).dtype)
+    return full, copied

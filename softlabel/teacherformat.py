@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from softlabel.anchors import map_sizes
+from softlabel.anchors import level_ranges, map_sizes
 from softlabel.cache.encoding import TeacherSample, dequantise, stored_dtype
 from softlabel.cache.schema import ArraySpec, Layout, feat_path, head_path
 from softlabel.distill.teacherbatch import TeacherBatch
@@ -58,6 +58,15 @@ class HeadFormat:
 
     def _head_arrays(self, view: str) -> dict[str, ArraySpec]:
         raise NotImplementedError
+
+    def row_spans(self) -> list[tuple[int, int, int]] | None:
+        """(first anchor, end anchor, channels) of each head level, for to_host: a feature row of a level carries
+        that level's channels (0 where the store keeps none of it) and zeros up to the widest. None without rows."""
+        if not self.layout.feature_rows:
+            return None
+        sizes = [h * w for _, h, w in self.layout.head.values()]
+        return [(start, end, self.layout.feat[lvl][0] if lvl in self.layout.feat else 0)
+                for lvl, (start, end) in zip(self.layout.head, level_ranges(sizes))]
 
     # encode, on the teacher's device ----------------------------------------------------------------
 

@@ -161,17 +161,17 @@ def _teacher_outputs(batch: int = 4) -> tuple[list[torch.Tensor], list[torch.Ten
 @pytest.mark.parametrize("precision", ["int8", "float16", "bfloat16"])
 def test_sparse_encode_on_the_gpu_reaches_the_host_and_the_student_as_on_the_cpu(precision):
     """HeadFormat.encode on CUDA then to_host equals the same on the CPU: top-K, gather, quantisation and the packed
-    copy of the kept slots are exact (IEEE float32 arithmetic and float16 conversions on both); the background
+    copy of the kept slots (feature rows cut to their level's channels) are exact (IEEE float32 arithmetic and float16 conversions on both); the background
     logits go through sigmoid and log, which CUDA and the CPU may round differently, so they agree to one float16
     step. The collated (packed) TeacherBatch pinned and sent with non_blocking=True arrives equal."""
     layout = _sparse_layout(precision)
     fmt = HeadFormat.of(layout)
     head, feat = _teacher_outputs()
-    on_cpu, copied_cpu = to_host(fmt.encode(head, feat))
+    on_cpu, copied_cpu = to_host(fmt.encode(head, feat), fmt.row_spans())
     with torch.no_grad():
         encoded = fmt.encode([h.to(DEVICE) for h in head], [f.to(DEVICE) for f in feat])
     assert all(t.device.type == "cuda" for t in encoded.values())
-    on_gpu, copied_gpu = to_host(encoded)
+    on_gpu, copied_gpu = to_host(encoded, fmt.row_spans())  # as the dump copies: each row at its level's width
     assert set(on_gpu) == set(on_cpu) and copied_gpu == copied_cpu
     for name, a in on_cpu.items():
         b = on_gpu[name]

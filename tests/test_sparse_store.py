@@ -124,9 +124,15 @@ def test_dump_copies_only_the_kept_slots_to_the_host(tmp_path, dataset, teacher)
     per_slot = {name.split("/", 1)[1]: int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for name, a in spec.items()}
     whole = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for name, a in spec.items()
                 if name.split("/", 1)[1] not in SLOTTED)
-    kept = (zarr.open_group(str(out), mode="r")["v0/head/index"][:] >= 0).sum(1)  # 20 a sample: floor 0
-    want = whole + 4 + kept.mean() * (per_slot["head/index"] + per_slot["head/values"]) \
-        + np.minimum(kept, 8).mean() * per_slot["feat/rows"]
+    index = zarr.open_group(str(out), mode="r")["v0/head/index"][:]
+    kept = (index >= 0).sum(1)  # 20 a sample: floor 0
+    # a feature row crosses at its own level's channels, not padded to the widest level's
+    starts = np.cumsum([0] + [h * w for _, h, w in layout.head.values()])
+    channels = np.array([layout.feat[lvl][0] for lvl in layout.head])
+    row_levels = np.searchsorted(starts, index[:, :8][index[:, :8] >= 0], side="right") - 1
+    row_bytes = channels[row_levels].sum() * np.dtype(spec["v0/feat/rows"].dtype).itemsize / len(index)
+    assert row_bytes < np.minimum(kept, 8).mean() * per_slot["feat/rows"]  # yolov8n's levels: 64, 128, 256 channels
+    want = whole + 4 + kept.mean() * (per_slot["head/index"] + per_slot["head/values"]) + row_bytes
     assert result.host_samples == 12 and result.host_bytes_per_sample_view == pytest.approx(want)
 
 
@@ -147,6 +153,35 @@ def test_to_host_rebuilds_the_padded_arrays_from_the_kept_slots():
         assert host[name].dtype == t.numpy().dtype and np.array_equal(host[name], t.numpy()), name
     kept, rows_kept = sum(counts), sum(min(n, 4) for n in counts)
     assert copied == 3 * 4 + 3 * 5 * 4 + 3 * 2 * 2 + kept * (4 + 5) + rows_kept * 6
+
+
+def test_to_host_copies_each_feature_row_at_its_own_levels_width():
+    """Rows of a narrower level are zero past its channels, and rows of a level the store keeps no features of are
+    zero: with the format's row spans only each row's own channels cross, and the host rebuilds the same arrays."""
+    gen = torch.Generator().manual_seed(1)
+    spans = [(0, 64, 6), (64, 80, 4), (80, 84, 0)]  # anchors of P3, P4, P5; P5's features not stored
+    index = torch.full((3, 8), -1, dtype=torch.int32)
+    for b, n in enumerate([0, 5, 8]):
+        index[b, :n] = torch.randperm(84, generator=gen)[:n].to(torch.int32)
+    index[2, :3] = torch.tensor([70, 81, 5], dtype=torch.int32)  # each level at least once
+    rows = torch.zeros((3, 4, 6), dtype=torch.int8)
+    widths = {0: 0}
+    for b in range(3):
+        for j in range(4):
+            i = int(index[b, j])
+            c = next((c for start, end, c in spans if start <= i < end), 0)
+            rows[b, j, :c] = torch.randint(-127, 128, (c,), generator=gen, dtype=torch.int8)
+            if i >= 0:
+                widths[c] = widths.get(c, 0) + 1
+    arrays = {"head/index": index, "feat/rows": rows}
+    whole, copied_whole = to_host(arrays)
+    host, copied = to_host(arrays, spans)
+    assert np.array_equal(host["feat/rows"], rows.numpy()) and np.array_equal(host["head/index"], index.numpy())
+    assert host["feat/rows"].dtype == np.int8
+    # a P4 row saves its 2 padding bytes, a P5 row (features not stored) all 6; unused slots never crossed
+    assert copied_whole - copied == widths[4] * 2 + widths[0] * 6
+    half = {"head/index": index, "feat/rows": rows.to(torch.float16)}
+    assert np.array_equal(to_host(half, spans)[0]["feat/rows"], rows.to(torch.float16).numpy())
 
 
 @pytest.mark.parametrize("box_precision", [None, "float32", "int8"])
