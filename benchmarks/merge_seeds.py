@@ -13,7 +13,6 @@ runs and curves; its teacher is that of the inputs that distil.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,22 +42,17 @@ def merge(paths: list[Path]) -> dict:
         if part["teacher"]["weights"] != distilling[0][1]["teacher"]["weights"]:
             raise SystemExit(f"{p}: another teacher than {distilling[0][0]}")
     names = list(dict.fromkeys(m for part in parts for m in part["modes"]))
+    curves = {m: {k: v for part in parts for k, v in part.get("curves", {}).get(m, {}).items()} for m in names}
     modes = {}
     for m in names:
-        having = [part for part in parts if m in part["modes"]]
-        entry: dict = {"seeds": [s for part in having for s in part["modes"][m]["seeds"]]}
-        if len(set(entry["seeds"])) != len(entry["seeds"]):
-            raise SystemExit(f"mode {m}: a seed appears in more than one input: {entry['seeds']}")
-        for key in ("map50_95", "map50", "seconds"):
-            values = [v for part in having for v in part["modes"][m][key]]
-            entry[key] = values
-            entry[f"{key}_mean"] = statistics.fmean(values)
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        entry["runs"] = [r for part in having for r in part["modes"][m]["runs"]]
-        modes[m] = entry
-    curves = {m: {k: v for part in parts for k, v in part.get("curves", {}).get(m, {}).items()} for m in names}
-    for m, entry in modes.items():  # seeds in the order of entry["seeds"]: each input's curves are keyed by seed
-        entry.update(accuracy.summarise_tail([curves[m].get(str(seed)) or [] for seed in entry["seeds"]]))
+        having = [part["modes"][m] for part in parts if m in part["modes"]]
+        seeds = [s for h in having for s in h["seeds"]]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"mode {m}: a seed appears in more than one input: {seeds}")
+        # each input's runs as accuracy.summarise takes them, each with its seed's curve
+        runs = [{"map50_95": h["map50_95"][i], "map50": h["map50"][i], "seconds": h["seconds"][i],
+                 "curve": curves[m].get(str(seed)) or []} for h in having for i, seed in enumerate(h["seeds"])]
+        modes[m] = {**accuracy.summarise(runs, seeds), "runs": [r for h in having for r in h["runs"]]}
     teacher = (distilling[0][1] if distilling else first)["teacher"]
     flat = accuracy.flatness(accuracy.mean_curve(list(curves["plain"].values()))) if curves.get("plain") else None
     return {**first, "teacher": teacher, "modes": modes, "curves": curves, "plain_flatness": flat,
