@@ -68,7 +68,7 @@ def ablation_row(name: str, paths: list[Path], base: dict) -> dict:
         raise SystemExit(f"ablation {name}: seeds {missing} have no default offline run in the table")
     row = {"name": name, "inputs": [str(p) for p in paths], "storage": merged.get("storage"), "distill": merged["settings"]["distill"],
            "feature_rows": merged["settings"].get("feature_rows"), "seeds": run["seeds"], "map50_95": run["map50_95"],
-           "map50_95_tail": run["map50_95_tail"]}
+           "map50_95_tail": run["map50_95_tail"], "map50": run["map50"], "map50_mean": run["map50_mean"], "map50_std": run["map50_std"]}
     for key in ("map50_95", "map50_95_tail"):
         values = row[key]
         row[f"{key}_mean"], row[f"{key}_std"] = spread(values) if values else (None, None)
@@ -86,7 +86,7 @@ def build(table: Path, paths: list[Path]) -> dict:
     base = json.loads(table.read_text())
     rows = [ablation_row(name, ps, base) for name, ps in group(paths).items()]
     reference = {m: {k: base["modes"][m].get(k) for k in ("seeds", "map50_95_mean", "map50_95_std", "map50_95_tail_mean",
-                                                          "map50_95_tail_std")}
+                                                          "map50_95_tail_std", "map50_mean", "map50_std")}
                  for m in REFERENCE if m in base["modes"]}
     return {"preset": base["preset"], "table": str(table), "teacher": base["teacher"], "epochs": base["epochs"],
             "student": base["settings"]["student"], "tail_epochs": accuracy.TAIL, "reference": reference, "ablations": rows,
@@ -94,16 +94,17 @@ def build(table: Path, paths: list[Path]) -> dict:
 
 
 def render(result: dict, out: Path) -> str:
-    rows = [[f"{m} (table)", len(s["seeds"]), accuracy.cell(s["map50_95_mean"], s["map50_95_std"]), "-", accuracy.tail_cell(s), "-"]
-            for m, s in result["reference"].items()]
+    rows = [[f"{m} (table)", len(s["seeds"]), accuracy.cell(s["map50_95_mean"], s["map50_95_std"]), "-", accuracy.tail_cell(s), "-",
+             accuracy.cell(s["map50_mean"], s["map50_std"])] for m, s in result["reference"].items()]
     for r in result["ablations"]:
         tail = accuracy.cell(r["map50_95_tail_mean"], r["map50_95_tail_std"]) if r["map50_95_tail_mean"] is not None else "-"
         rows.append([r["name"], len(r["seeds"]), accuracy.cell(r["map50_95_mean"], r["map50_95_std"]),
                      signed(r["map50_95_vs_default_mean"], r["map50_95_vs_default_std"]), tail,
-                     signed(r["map50_95_tail_vs_default_mean"], r["map50_95_tail_vs_default_std"])])
+                     signed(r["map50_95_tail_vs_default_mean"], r["map50_95_tail_vs_default_std"]),
+                     accuracy.cell(r["map50_mean"], r["map50_std"])])
     t = result["teacher"]
     return common.table(["run", "seeds", "mAP50-95 (best epoch)", "Δ vs default offline, paired",
-                         f"mAP50-95, last {result['tail_epochs']} epochs", "Δ vs default offline, paired"], rows,
+                         f"mAP50-95, last {result['tail_epochs']} epochs", "Δ vs default offline, paired", "mAP50"], rows,
                         title=f"{result['preset']} preset ablations: {result['student']} offline, teacher {t['model']} "
                               f"({t['map50_95']:.4f} mAP50-95), {result['epochs']} epochs",
                         footer=[f"{r['name']}: store {r['storage']}, distill {r['distill'] or 'default'}" for r in result["ablations"]]

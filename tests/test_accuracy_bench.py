@@ -141,6 +141,7 @@ def test_ablation_rows_are_paired_with_the_default_run_of_the_same_seed(tmp_path
     base = {"preset": "trees", "epochs": 100, "settings": {"student": "yolov8n"},
             "teacher": {"weights": "t.pt", "model": "yolov8s", "map50_95": 0.2},
             "modes": {"offline": {"seeds": [0, 1, 2], "map50_95": [0.10, 0.20, 0.30], "map50_95_mean": 0.2, "map50_95_std": 0.1,
+                                  "map50_mean": 0.4, "map50_std": 0.2,
                                   "map50_95_tail": [0.10, 0.20, 0.30], "map50_95_tail_mean": 0.2, "map50_95_tail_std": 0.1}}}
     table = tmp_path / "accuracy-trees.json"
     table.write_text(json.dumps(base))
