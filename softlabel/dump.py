@@ -357,7 +357,7 @@ def _dump_owned(settings: DumpSettings, teacher, replay, attrs, rank: int, world
         for view_keys, indices, images, fps in loader:
             out = teacher(to_model_input(images, teacher.device))
             # selected and quantised where the teacher ran: only the stored arrays cross to the host
-            stored, copied = to_host(fmt.encode(out.head, out.feat), fmt.row_spans())
+            stored, copied = to_host(fmt.encode(out.head, out.feat), fmt.row_spans(out.head))
             if first:
                 warn_few_kept((stored["head/index"] >= 0).sum(1), layout, bar)
                 first = False

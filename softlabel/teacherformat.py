@@ -59,14 +59,14 @@ class HeadFormat:
     def _head_arrays(self, view: str) -> dict[str, ArraySpec]:
         raise NotImplementedError
 
-    def row_spans(self) -> list[tuple[int, int, int]] | None:
-        """(first anchor, end anchor, channels) of each head level, for to_host: a feature row of a level carries
-        that level's channels (0 where the store keeps none of it) and zeros up to the widest. None without rows."""
+    def row_spans(self, head: list[Tensor]) -> list[tuple[int, int, int]] | None:
+        """(first anchor, end anchor, channels) of each level of the head maps `encode` took, for to_host: a feature
+        row of a level carries that level's channels (0 where the store keeps none of it) and zeros up to the
+        widest. None without rows. The anchors are counted on the maps themselves, as `encode` counts them."""
         if not self.layout.feature_rows:
             return None
-        sizes = [h * w for _, h, w in self.layout.head.values()]
         return [(start, end, self.layout.feat[lvl][0] if lvl in self.layout.feat else 0)
-                for lvl, (start, end) in zip(self.layout.head, level_ranges(sizes))]
+                for lvl, (start, end) in zip(self.layout.head, level_ranges(map_sizes(head)))]
 
     # encode, on the teacher's device ----------------------------------------------------------------
 

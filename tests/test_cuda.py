@@ -167,11 +167,11 @@ def test_sparse_encode_on_the_gpu_reaches_the_host_and_the_student_as_on_the_cpu
     layout = _sparse_layout(precision)
     fmt = HeadFormat.of(layout)
     head, feat = _teacher_outputs()
-    on_cpu, copied_cpu = to_host(fmt.encode(head, feat), fmt.row_spans())
+    on_cpu, copied_cpu = to_host(fmt.encode(head, feat), fmt.row_spans(head))
     with torch.no_grad():
         encoded = fmt.encode([h.to(DEVICE) for h in head], [f.to(DEVICE) for f in feat])
     assert all(t.device.type == "cuda" for t in encoded.values())
-    on_gpu, copied_gpu = to_host(encoded, fmt.row_spans())  # as the dump copies: each row at its level's width
+    on_gpu, copied_gpu = to_host(encoded, fmt.row_spans(head))  # as the dump copies: each row at its level's width
     assert set(on_gpu) == set(on_cpu) and copied_gpu == copied_cpu
     for name, a in on_cpu.items():
         b = on_gpu[name]
