@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from pathlib import Path
 
 import accuracy
@@ -27,10 +26,6 @@ import merge_seeds
 
 NAME = re.compile(r"accuracy-(?P<preset>[\w-]+?)-ablation-(?P<name>[\w-]+)-seed(?P<seed>\d+)\.json$")
 REFERENCE = ("plain", "offline", "online", "ultralytics")
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def group(paths: list[Path]) -> dict[str, list[Path]]:
@@ -71,10 +66,10 @@ def ablation_row(name: str, paths: list[Path], base: dict) -> dict:
            "map50_95_tail": run["map50_95_tail"], "map50": run["map50"], "map50_mean": run["map50_mean"], "map50_std": run["map50_std"]}
     for key in ("map50_95", "map50_95_tail"):
         values = row[key]
-        row[f"{key}_mean"], row[f"{key}_std"] = spread(values) if values else (None, None)
+        row[f"{key}_mean"], row[f"{key}_std"] = accuracy.mean_std(values) if values else (None, None)
         diffs = paired(values or [None] * len(run["seeds"]), run["seeds"], ref.get(key) or [], ref["seeds"])
         row[f"{key}_vs_default"] = diffs
-        row[f"{key}_vs_default_mean"], row[f"{key}_vs_default_std"] = spread(diffs) if diffs else (None, None)
+        row[f"{key}_vs_default_mean"], row[f"{key}_vs_default_std"] = accuracy.mean_std(diffs) if diffs else (None, None)
     return row
 
 
@@ -97,9 +92,8 @@ def render(result: dict, out: Path) -> str:
     rows = [[f"{m} (table)", len(s["seeds"]), accuracy.cell(s["map50_95_mean"], s["map50_95_std"]), "-", accuracy.tail_cell(s), "-",
              accuracy.cell(s["map50_mean"], s["map50_std"])] for m, s in result["reference"].items()]
     for r in result["ablations"]:
-        tail = accuracy.cell(r["map50_95_tail_mean"], r["map50_95_tail_std"]) if r["map50_95_tail_mean"] is not None else "-"
         rows.append([r["name"], len(r["seeds"]), accuracy.cell(r["map50_95_mean"], r["map50_95_std"]),
-                     signed(r["map50_95_vs_default_mean"], r["map50_95_vs_default_std"]), tail,
+                     signed(r["map50_95_vs_default_mean"], r["map50_95_vs_default_std"]), accuracy.tail_cell(r),
                      signed(r["map50_95_tail_vs_default_mean"], r["map50_95_tail_vs_default_std"]),
                      accuracy.cell(r["map50_mean"], r["map50_std"])])
     t = result["teacher"]

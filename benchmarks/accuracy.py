@@ -299,13 +299,17 @@ def tail_mean(curve: list[float]) -> float | None:
     return statistics.fmean(curve[-TAIL:]) if curve else None
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: list[dict], seeds: list[int]) -> dict:
     out: dict = {"seeds": seeds}
     for key in ("map50_95", "map50", "seconds"):
         values = [r[key] for r in runs]
         out[key] = values
-        out[f"{key}_mean"] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std(values)
     return {**out, **summarise_tail([r.get("curve") or [] for r in runs])}
 
 
@@ -314,8 +318,8 @@ def summarise_tail(curves: list[list[float]]) -> dict:
     tails = [tail_mean(c) for c in curves]
     if not tails or None in tails:
         return {"map50_95_tail": None, "map50_95_tail_mean": None, "map50_95_tail_std": None}
-    return {"map50_95_tail": tails, "map50_95_tail_mean": statistics.fmean(tails),
-            "map50_95_tail_std": statistics.stdev(tails) if len(tails) > 1 else 0.0}
+    mean, std = mean_std(tails)
+    return {"map50_95_tail": tails, "map50_95_tail_mean": mean, "map50_95_tail_std": std}
 
 
 def mean_curve(curves: list[list[float]]) -> list[float]:
