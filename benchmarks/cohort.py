@@ -10,8 +10,11 @@ trains the students against one cache and measures:
 - the data path per student-sample: those seconds / (N x samples trained per student);
 - peak resident memory of the process (ru_maxrss).
 
-The data path per student-sample should fall as 1/N in a cohort and stay flat in turn. The GPU
-projection divides the measured data-path cost per image and core into an assumed GPU step rate.
+The data path per student-sample should fall as 1/N in a cohort and stay flat in turn. One job's
+data-path CPU varies by several per cent from run to run on a 2-core machine, so every job runs
+--repeats times, the rounds interleaved (a slow spell hits every N alike), and each measure is the
+median over the rounds; every round is kept in the JSON. The GPU projection divides the measured
+data-path cost per image and core into an assumed GPU step rate.
 
 Needs --workers 0 (Ultralytics forces it on a CPU anyway): DataLoader workers would run the data
 path in other processes, out of this process's thread clocks.
@@ -51,11 +54,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="training device: cpu, 0, cuda:N (default: cpu)")
     p.add_argument("--out", default=str(common.RESULTS / "cohort.json"), help="result JSON (default: benchmarks/results/cohort.json)")
     p.add_argument("--modes", nargs="+", default=["in_turn", "cohort"], choices=["in_turn", "cohort"], help="(default: both)")
-    p.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, N = 1 2")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every job; medians are reported (default: 3)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, N = 1 2, one round")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one measured job, in its own process
     args = p.parse_args()
     if args.quick:
-        args.imgsz, args.images, args.counts, args.teacher_cfg = [64], [8], [1, 2], "yolov8n.yaml"
+        args.imgsz, args.images, args.counts, args.teacher_cfg, args.repeats = [64], [8], [1, 2], "yolov8n.yaml", 1
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     return args
 
 
@@ -130,6 +136,22 @@ def peak_device_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
+def medians(rounds: list[dict]) -> dict:
+    """One job's measures over its rounds: the median of each number, each round's own under 'rounds'."""
+    import statistics
+
+    out: dict = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in rounds)
+        else:  # peak_device_mb (None on a CPU), statuses: the first round's
+            out[key] = value
+    if any(r["statuses"] != rounds[0]["statuses"] for r in rounds):
+        out["statuses"] = [r["statuses"] for r in rounds]
+    out["rounds"] = rounds
+    return out
+
+
 def gpu_projection(results: dict, counts: list[int]) -> dict:
     """Cores of data path that keep one GPU busy. A GPU stepping students at ASSUMED_GPU_STEP_RATE images/s takes
     that many images/s from the data path when students train in turn, and 1/N of it from a cohort of N (each
@@ -165,22 +187,23 @@ def main() -> None:
             cache = work / f"cache{imgsz}.zarr"
             run_dump(DumpSettings(teacher=str(teacher), data=str(data), out=str(cache), views=1, close_views=0, imgsz=imgsz,
                                   batch=args.batch, workers=1, progress=False, device=args.device))
-            size: dict = {}
-            for n in args.counts:
-                for mode in args.modes:
-                    spec = {"n": n, "mode": mode, "cache": str(cache), "data": str(data), "imgsz": imgsz, "batch": args.batch,
-                            "epochs": args.epochs, "images": images, "device": args.device, "project": str(work / f"runs{imgsz}-{mode}-{n}"),
-                            "result": str(work / "job.json")}
-                    (work / "spec.json").write_text(json.dumps(spec))
-                    subprocess.run([sys.executable, __file__, "--job", str(work / "spec.json")], check=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    res = json.loads((work / "job.json").read_text())
-                    size.setdefault(str(n), {})[mode] = res
-                    print(f"{imgsz} px  N={n}  {mode:<8} wall {res['wall_seconds']:7.1f} s  data path "
-                          f"{1000 * res['data_cpu_seconds_per_student_sample']:7.2f} ms CPU per student-sample "
-                          f"(collate {1000 * res['collate_cpu_seconds']:.0f} ms of {1000 * res['data_cpu_seconds']:.0f} ms)  "
-                          f"peak {res['peak_rss_mb']:.0f} MB  {res['statuses']}", flush=True)
-            results[str(imgsz)] = size
+            rounds: dict = {}
+            # rounds interleaved: a slow spell of the machine hits every N and mode alike
+            for r, n, mode in [(r, n, mode) for r in range(args.repeats) for n in args.counts for mode in args.modes]:
+                spec = {"n": n, "mode": mode, "cache": str(cache), "data": str(data), "imgsz": imgsz, "batch": args.batch,
+                        "epochs": args.epochs, "images": images, "device": args.device, "project": str(work / f"runs{imgsz}-{mode}-{n}-{r}"),
+                        "result": str(work / "job.json")}
+                (work / "spec.json").write_text(json.dumps(spec))
+                subprocess.run([sys.executable, __file__, "--job", str(work / "spec.json")], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                res = json.loads((work / "job.json").read_text())
+                shutil.rmtree(spec["project"], ignore_errors=True)  # a round starts afresh: a cohort folder left here would resume
+                rounds.setdefault(str(n), {}).setdefault(mode, []).append(res)
+                print(f"round {r + 1}/{args.repeats}  {imgsz} px  N={n}  {mode:<8} wall {res['wall_seconds']:7.1f} s  data path "
+                      f"{1000 * res['data_cpu_seconds_per_student_sample']:7.2f} ms CPU per student-sample "
+                      f"(collate {1000 * res['collate_cpu_seconds']:.0f} ms of {1000 * res['data_cpu_seconds']:.0f} ms)  "
+                      f"peak {res['peak_rss_mb']:.0f} MB  {res['statuses']}", flush=True)
+            results[str(imgsz)] = {n: {mode: medians(rs) for mode, rs in modes.items()} for n, modes in rounds.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -208,7 +231,8 @@ def main() -> None:
     path = common.write_json(args.out, payload)
     print(common.table(["imgsz", "N", "in turn s", "cohort s", "speed-up", "data ms/st-sample turn", "data ms/st-sample cohort",
                         "off 1/N %", "peak MB turn", "peak MB cohort"], rows,
-                       title="N students, in turn and as a cohort: wall time, data-path CPU per student-sample, peak memory",
+                       title="N students, in turn and as a cohort: wall time, data-path CPU per student-sample, peak memory "
+                       f"(medians of {args.repeats} round{'s' if args.repeats > 1 else ''})",
                        footer=[f"data path per student-sample within 10% of 1/N: {common.verdict(within)}", f"written to {path}"]))
 
 

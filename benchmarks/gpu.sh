@@ -217,7 +217,7 @@ fi
 if fits "$COHORT_EST"; then
     step "7/7 a cohort of N = 1, 2, 4 students against the same in turn ($COHORT_IMAGES images at $IMGSZ px)"
     bench cohort python3 benchmarks/cohort.py --device "$DEVICE" --imgsz "$IMGSZ" --images "$COHORT_IMAGES" --batch "$BATCH" \
-        --teacher-cfg "$TEACHER" --out "$RESULTS/gpu-cohort.json"
+        --teacher-cfg "$TEACHER" --repeats 1 --out "$RESULTS/gpu-cohort.json"
 else
     SKIPPED+=("cohort: $(elapsed) s spent, its estimate $COHORT_EST s would pass the budget of $BUDGET s")
 fi
