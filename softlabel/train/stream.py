@@ -20,7 +20,7 @@ the batches held at once stay bounded whatever the speeds.
 Where the data path runs in the students' own process (a loader without workers, as Ultralytics has on
 a CPU), a batch is drawn only while every student waits for one: drawn beside the others' steps, the
 replay and read share the cores and caches with them and cost more CPU the more students there are
-(on 2 cores, 13-15% more at 4 students than at 1; drawn alone, within 5%), at about the same wall time,
+(on 2 cores at 320 px, 15% more at 4 students than at 1; drawn alone, 2%), at about the same wall time,
 since the students' steps keep the cores busy anyway. With workers, the data path runs in their
 processes and the students never wait for it.
 """
