@@ -297,12 +297,31 @@ def test_sweeps_expand_to_named_members():
 
 
 def test_the_stream_holds_batches_for_members_yet_to_arrive_and_bounds_the_lag():
-    stream = SharedStream(["a", "b"], max_lag=2, exclusive=False)
-    loader = _Loader()
+    class Loader:  # an InfiniteDataLoader's surface: one epoch per pass, a sampler with next_epoch
+        def __init__(self):
+            self.sampler = type("S", (), {"next_epoch": 0, "__len__": lambda s: 6})()
+            self.dataset, self.batch_size, self.num_workers, self.drop_last = None, 2, 0, False
+            self.drawn = 0
+
+        def __len__(self):
+            return 3
+
+        def reset(self):
+            pass
+
+        def __iter__(self):
+            for _ in range(3):
+                self.drawn += 1
+                yield {"k": self.drawn}
+
+    stream = SharedStream(["a", "b"], max_lag=2)
+    loader = Loader()
     a, b = stream.view("a", lambda: loader), stream.view("b", lambda: pytest.fail("b reads the stream, not a loader of its own"))
     it = iter(a)
     assert [next(it)["k"], next(it)["k"]] == [1, 2]
-    t, got = _take_in_thread(it)
+    got = []
+    t = threading.Thread(target=lambda: got.append(next(it)["k"]))
+    t.start()
     t.join(0.5)
     assert t.is_alive() and not got  # 'a' is max_lag batches ahead of 'b', who has not even started
     assert [batch["k"] for batch in b] == [1, 2, 3]  # 'b' arrives: nothing was dropped before it took it
@@ -310,55 +329,6 @@ def test_the_stream_holds_batches_for_members_yet_to_arrive_and_bounds_the_lag()
     assert got == [3] and loader.drawn == 3
     with pytest.raises(ValueError, match="not a member"):
         stream.view("c", lambda: loader)
-
-
-class _Loader:
-    """An InfiniteDataLoader's surface: one epoch of 3 batches per pass, a sampler with next_epoch."""
-
-    def __init__(self, workers: int = 0):
-        self.sampler = type("S", (), {"next_epoch": 0, "__len__": lambda s: 6})()
-        self.dataset, self.batch_size, self.num_workers, self.drop_last = None, 2, workers, False
-        self.drawn = 0
-
-    def __len__(self):
-        return 3
-
-    def reset(self):
-        pass
-
-    def __iter__(self):
-        for _ in range(3):
-            self.drawn += 1
-            yield {"k": self.drawn}
-
-
-def _take_in_thread(it):
-    got: list = []
-    t = threading.Thread(target=lambda: got.append(next(it)["k"]), daemon=True)
-    t.start()
-    return t, got
-
-
-def test_without_workers_the_stream_draws_a_batch_only_while_every_student_waits():
-    assert SharedStream(["a"]).view("a", lambda: _Loader(workers=2)).stream.exclusive is False
-    stream = SharedStream(["a", "b", "c"])
-    loader = _Loader()
-    a, b, c = (iter(stream.view(m, lambda: loader)) for m in "abc")
-    assert stream.exclusive is True  # no workers: the data path runs in the students' process
-    ta, got_a = _take_in_thread(a)
-    tb, got_b = _take_in_thread(b)
-    ta.join(0.3)
-    assert ta.is_alive() and tb.is_alive() and loader.drawn == 0  # 'c' has not asked: it may still be stepping
-    assert next(c)["k"] == 1  # the last to ask draws, with everyone waiting
-    ta.join(2), tb.join(2)
-    assert got_a == got_b == [1] and loader.drawn == 1
-    ta, got_a = _take_in_thread(a)  # 'a' asks for batch 2 while 'b' and 'c' are stepping on batch 1
-    ta.join(0.3)
-    assert ta.is_alive() and loader.drawn == 1
-    stream.leave("c")  # a member that leaves is not waited for
-    assert next(b)["k"] == 2
-    ta.join(2)
-    assert got_a == [2] and loader.drawn == 2
 
 
 def test_an_online_cohort_runs_the_teacher_once_per_batch_and_shares_the_batch(tmp_path, dataset, monkeypatch):

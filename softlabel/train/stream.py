@@ -16,13 +16,6 @@ leaves the stream, which then never waits for it.
 
 Students keep at most `max_lag` batches apart: a student that runs ahead waits for the slowest, so
 the batches held at once stay bounded whatever the speeds.
-
-Where the data path runs in the students' own process (a loader without workers, as Ultralytics has on
-a CPU), a batch is drawn only while every student waits for one: drawn beside the others' steps, the
-replay and read share the cores and caches with them and cost more CPU the more students there are
-(on 2 cores at 320 px, 15% more at 4 students than at 1; drawn alone, 2%), at about the same wall time,
-since the students' steps keep the cores busy anyway. With workers, the data path runs in their
-processes and the students never wait for it.
 """
 
 from __future__ import annotations
@@ -69,8 +62,7 @@ class SharedStream:
     `members` names every student up front: until a member's trainer first asks for an epoch, it
     counts as waiting at the stream's start, so no batch it needs is dropped while it is set up."""
 
-    def __init__(self, members: list[str], max_lag: int = 4, exclusive: bool | None = None) -> None:
-        """`exclusive`: draw a batch only while every member waits in `take`; None: when the loader has no workers."""
+    def __init__(self, members: list[str], max_lag: int = 4) -> None:
         if max_lag < 1:
             raise ValueError(f"max_lag must be >= 1, got {max_lag}")
         if len(set(members)) != len(members):
@@ -85,8 +77,6 @@ class SharedStream:
         self._positions: dict[str, int | None] = dict.fromkeys(members)  # the global index each takes next; None: not arrived
         self._left: set[str] = set()
         self._fetching = False
-        self.exclusive = exclusive
-        self._waiting: set[str] = set()  # members blocked in take, for an exclusive draw
 
     def view(self, member: str, factory: LoaderFactory) -> "StreamView":
         """A member's train loader. The first view's factory builds the stream's loader."""
@@ -95,8 +85,6 @@ class SharedStream:
                 raise ValueError(f"'{member}' is not a member of this stream")
             if self._loader is None:
                 self._loader = factory()
-                if self.exclusive is None:
-                    self.exclusive = not getattr(self._loader, "num_workers", 0)
             return StreamView(self, member, factory, self._loader)
 
     def _nb(self) -> int:
@@ -141,36 +129,27 @@ class SharedStream:
         """The member's next batch (a shallow copy of the shared one) and its slot."""
         with self._cond:
             g = self._positions[member]
-            self._waiting.add(member)
-            self._cond.notify_all()  # a member waiting to draw alone may now be the only one not waiting
-            try:
-                while g not in self._batches:
-                    if g < self._drawn:
-                        raise RuntimeError(f"batch {g} was dropped before '{member}' took it")
-                    if self._fetching or g - self._slowest() >= self.max_lag or not self._may_draw():
-                        self._cond.wait()
-                        continue
-                    self._fetching = True
-                    self._cond.release()  # replay, read and collate outside the lock: the others may take what is drawn
-                    try:
-                        batch = next(self._iterator)
-                    finally:
-                        self._cond.acquire()
-                        self._fetching = False
-                        self._cond.notify_all()
-                    self._batches[self._drawn] = (batch, BatchSlot())
-                    self._drawn += 1
-            finally:
-                self._waiting.discard(member)
+            while g not in self._batches:
+                if g < self._drawn:
+                    raise RuntimeError(f"batch {g} was dropped before '{member}' took it")
+                if self._fetching or g - self._slowest() >= self.max_lag:
+                    self._cond.wait()
+                    continue
+                self._fetching = True
+                self._cond.release()  # replay, read and collate outside the lock: the others keep training
+                try:
+                    batch = next(self._iterator)
+                finally:
+                    self._cond.acquire()
+                    self._fetching = False
+                    self._cond.notify_all()
+                self._batches[self._drawn] = (batch, BatchSlot())
+                self._drawn += 1
             batch, slot = self._batches[g]
             self._positions[member] = g + 1
             self._drop_taken()
             self._cond.notify_all()
             return dict(batch), slot
-
-    def _may_draw(self) -> bool:
-        """Whether a batch may be drawn now: always, or when exclusive only while no member is stepping."""
-        return not self.exclusive or self._positions.keys() <= self._waiting
 
     def _drop_taken(self) -> None:
         lowest = self._slowest()
