@@ -22,12 +22,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine(device: str = "cpu") -> dict:
     import ultralytics
+    from ultralytics.utils.torch_utils import get_cpu_info
 
     import softlabel
 
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": get_cpu_info(),  # the CPU's name: one 2-core machine is not another
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
