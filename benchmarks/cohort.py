@@ -18,9 +18,9 @@ data-path CPU varies by several per cent from run to run on a 2-core machine, so
 median over the rounds; every round is kept in the JSON. The GPU projection divides the measured
 data-path cost per image and core into an assumed GPU step rate.
 
-Where the data path runs: students in turn draw in their own thread, as Ultralytics does on a CPU
-(it sets workers=0); a cohort on a CPU draws in one DataLoader worker process. The clocks are kept
-in shared memory, so a forked worker's time counts, and a job that times fewer samples than it
+Where the data path runs: on a CPU in the training process (Ultralytics sets workers=0 there), in
+a student's thread; with DataLoader workers (on a GPU) in forked worker processes. The clocks are
+kept in shared memory, so a worker's time counts, and a job that times fewer samples than it
 trained fails rather than reporting a share it did not see.
 """
 
@@ -146,6 +146,10 @@ def run_job(spec: dict) -> dict:
             "peak_device_mb": peak_device_mb(), "statuses": [r.status for r in rows]}
 
 
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
 def worker_private_mb() -> float:
     """A forked worker's own memory: its private pages, not those it still shares with the process it was forked from."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
@@ -235,14 +239,15 @@ def main() -> None:
     for imgsz, size in results.items():
         one = size.get("1", {}).get("cohort", {}).get("data_cpu_seconds_per_student_sample")
         for n, modes in size.items():
-            c, t = modes["cohort"], modes["in_turn"]
-            share = c["data_cpu_seconds_per_student_sample"]
+            c, t = modes.get("cohort", {}), modes.get("in_turn", {})  # --modes may have run one of the two
+            share = c.get("data_cpu_seconds_per_student_sample")
             expected = one / int(n) if one else None
-            off = (share / expected - 1) if expected else None
+            off = (share / expected - 1) if expected and share else None
             checks[f"{imgsz}/N={n}"] = off
-            rows.append([f"{imgsz}", n, t["wall_seconds"], c["wall_seconds"], t["wall_seconds"] / c["wall_seconds"],
-                         1000 * t["data_cpu_seconds_per_student_sample"], 1000 * share,
-                         None if off is None else 100 * off, t["peak_rss_mb"], c["peak_rss_mb"]])
+            walls = t.get("wall_seconds"), c.get("wall_seconds")
+            rows.append([f"{imgsz}", n, *walls, walls[0] / walls[1] if None not in walls else None,
+                         ms(t.get("data_cpu_seconds_per_student_sample")), ms(share),
+                         None if off is None else 100 * off, t.get("peak_rss_mb"), c.get("peak_rss_mb")])
     projection = gpu_projection(results, args.counts)
     within = all(v is not None and abs(v) <= 0.10 for v in checks.values())
     payload = {**common.header(args.device), "settings": {k: v for k, v in vars(args).items() if k != "job"}, "students": FAMILY,

@@ -152,13 +152,6 @@ class DistillTrainer(DetectionTrainer):
         dataset = self.build_dataset(dataset_path, "train", batch_size)
         world = max(self.world_size, 1)
         workers = min(self.args.workers, batch_size)  # Ultralytics has set 0 on a CPU already
-        extra = {}
-        if self.cohort is not None and self.device.type == "cpu":
-            # A cohort on a CPU draws in one worker process. Drawn in a student's thread, beside the other students'
-            # steps in the same interpreter, the same replay and read took 2-29% more CPU (benchmarks/cohort.py), and
-            # that thread stalled the one it ran in. One worker keeps a lone CPU run's batch order (EpochSampler lays
-            # batches out per worker); it draws one batch ahead, all a cohort needs to overlap the draw with the steps.
-            workers, extra = 1, {"prefetch_factor": 1}
         sampler = EpochSampler(len(dataset), int(self.args.seed), rank=max(rank, 0), world=world,
                                groups=dataset.epoch_groups, batch=batch_size, workers=workers)
         return InfiniteDataLoader(
@@ -169,7 +162,6 @@ class DistillTrainer(DetectionTrainer):
             collate_fn=DistillDataset.collate_fn,
             pin_memory=self.device.type == "cuda",
             drop_last=False,
-            **extra,
         )
 
     def preprocess_batch(self, batch: dict) -> dict:
