@@ -18,10 +18,11 @@ data-path CPU varies by several per cent from run to run on a 2-core machine, so
 median over the rounds; every round is kept in the JSON. The GPU projection divides the measured
 data-path cost per image and core into an assumed GPU step rate.
 
-Where the data path runs: on a CPU in the training process (Ultralytics sets workers=0 there), in
-a student's thread; with DataLoader workers (on a GPU) in forked worker processes. The clocks are
-kept in shared memory, so a worker's time counts, and a job that times fewer samples than it
-trained fails rather than reporting a share it did not see.
+Every job passes workers=0, so the data path runs in the training process, in a student's thread,
+as Ultralytics runs it on a CPU (where it sets workers=0 itself). The clocks sit in shared memory
+all the same, so a forked DataLoader worker's time would count (a stream that draws in a worker was
+measured that way), and a job that times fewer samples than it trained fails rather than report a
+share it did not see.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def run_job(spec: dict) -> dict:
     from softlabel.train.cohort import run_cohort
     from softlabel.train.dataset import DistillDataset
 
-    # shared memory: a cohort on a CPU draws in a loader worker process (forked), whose clocks must reach this one
+    # shared memory: where the data path runs in a forked DataLoader worker, its clocks must reach this process
     clock = {k: multiprocessing.Value("d", 0.0) for k in ("seconds", "collate_seconds", "samples", "samples_elsewhere",
                                                           "worker_private_mb")}
     here = os.getpid()
@@ -172,7 +173,7 @@ def medians(rounds: list[dict]) -> dict:
         numbers = [r[key] for r in rounds if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
         if numbers:
             out[key] = statistics.median(numbers)
-        else:  # peak_device_mb (None on a CPU), statuses: the first round's
+        else:  # peak_device_mb (None on a CPU), peak_worker_private_mb (None without workers), statuses: the first round's
             out[key] = value
     if any(r["statuses"] != rounds[0]["statuses"] for r in rounds):
         out["statuses"] = [r["statuses"] for r in rounds]
