@@ -8,9 +8,7 @@ trains the students against one cache and measures:
   collate (DistillDataset.__getitem__ and collate_fn, wrapped with time.thread_time), the work a
   cohort does once per batch and students in turn do once per student;
 - the data path per student-sample: those seconds / (N x samples trained per student);
-- peak resident memory of the process (ru_maxrss) and, for a loader worker, the most private memory
-  it held (/proc/self/smaps_rollup, sampled every 8th image; the pages it shares with the process it
-  was forked from are counted there).
+- peak resident memory of the process (ru_maxrss).
 
 The data path per student-sample should fall as 1/N in a cohort and stay flat in turn. One job's
 data-path CPU varies by several per cent from run to run on a 2-core machine, so every job runs
@@ -19,10 +17,9 @@ median over the rounds; every round is kept in the JSON. The GPU projection divi
 data-path cost per image and core into an assumed GPU step rate.
 
 Every job passes workers=0, so the data path runs in the training process, in a student's thread,
-as Ultralytics runs it on a CPU (where it sets workers=0 itself). The clocks sit in shared memory
-all the same, so a forked DataLoader worker's time would count (a stream that draws in a worker was
-measured that way), and a job that times fewer samples than it trained fails rather than report a
-share it did not see.
+as Ultralytics runs it on a CPU (where it sets workers=0 itself), inside this process's thread
+clocks. A job that times fewer samples than it trained (a data path moved out of their sight, such
+as into a DataLoader worker) fails rather than report a share it did not see.
 """
 
 from __future__ import annotations
@@ -87,39 +84,30 @@ def warm_up(spec: dict, samples: int = 8) -> None:
 
 def run_job(spec: dict) -> dict:
     """One job in this process: N students against the cache, at once or in turn."""
-    import multiprocessing
-    import os
+    import threading
 
     from softlabel.train import runner
     from softlabel.train.cohort import run_cohort
     from softlabel.train.dataset import DistillDataset
 
-    # shared memory: where the data path runs in a forked DataLoader worker, its clocks must reach this process
-    clock = {k: multiprocessing.Value("d", 0.0) for k in ("seconds", "collate_seconds", "samples", "samples_elsewhere",
-                                                          "worker_private_mb")}
-    here = os.getpid()
+    clock = {"seconds": 0.0, "samples": 0, "collate_seconds": 0.0}
+    lock = threading.Lock()
     get, collate = DistillDataset.__getitem__, DistillDataset.collate_fn
-
-    def add(**values: float) -> None:
-        with clock["seconds"].get_lock():  # one lock for all: a worker and the students' threads may add at once
-            for key, value in values.items():
-                clock[key].value += value
 
     def timed_get(self, item):
         t = time.thread_time()
         out = get(self, item)
-        add(seconds=time.thread_time() - t, samples=1, samples_elsewhere=float(os.getpid() != here))
-        if os.getpid() != here and item[0] % 8 == 0:  # outside the clock: the memory the worker holds of its own
-            private = worker_private_mb()
-            with clock["seconds"].get_lock():
-                clock["worker_private_mb"].value = max(clock["worker_private_mb"].value, private)
+        with lock:
+            clock["seconds"] += time.thread_time() - t
+            clock["samples"] += 1
         return out
 
     def timed_collate(batch):
         t = time.thread_time()
         out = collate(batch)
-        dt = time.thread_time() - t
-        add(seconds=dt, collate_seconds=dt)
+        with lock:
+            clock["seconds"] += time.thread_time() - t
+            clock["collate_seconds"] += time.thread_time() - t
         return out
 
     warm_up(spec)  # the process's one-time costs (imports, codec and OpenCV set-up) are nobody's per-sample cost
@@ -136,25 +124,17 @@ def run_job(spec: dict) -> dict:
         rows = runner.train_students(students, settings, **args)
     wall = time.perf_counter() - start
     per_student = spec["images"] * spec["epochs"]
-    samples = int(clock["samples"].value)
-    if samples < per_student * (1 if spec["mode"] == "cohort" else spec["n"]):  # a worker the clocks did not reach
-        raise RuntimeError(f"{samples} samples timed, fewer than the job trained: the data path ran out of the clocks' sight")
-    return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"].value, "collate_cpu_seconds": clock["collate_seconds"].value,
-            "samples_replayed": samples, "samples_in_a_worker": int(clock["samples_elsewhere"].value),
-            "data_cpu_seconds_per_student_sample": clock["seconds"].value / (spec["n"] * per_student),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_worker_private_mb": clock["worker_private_mb"].value or None,
-            "peak_device_mb": peak_device_mb(), "statuses": [r.status for r in rows]}
+    if clock["samples"] < per_student * (1 if spec["mode"] == "cohort" else spec["n"]):
+        raise RuntimeError(f"{clock['samples']} samples timed, fewer than the job trained: the data path ran out of the clocks' sight")
+    return {"wall_seconds": wall, "data_cpu_seconds": clock["seconds"], "collate_cpu_seconds": clock["collate_seconds"],
+            "samples_replayed": clock["samples"],
+            "data_cpu_seconds_per_student_sample": clock["seconds"] / (spec["n"] * per_student),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": peak_device_mb(),
+            "statuses": [r.status for r in rows]}
 
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000 * seconds
-
-
-def worker_private_mb() -> float:
-    """A forked worker's own memory: its private pages, not those it still shares with the process it was forked from."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
-    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
 
 
 def peak_device_mb() -> float | None:
@@ -170,10 +150,9 @@ def medians(rounds: list[dict]) -> dict:
 
     out: dict = {}
     for key, value in rounds[0].items():
-        numbers = [r[key] for r in rounds if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
-        if numbers:
-            out[key] = statistics.median(numbers)
-        else:  # peak_device_mb (None on a CPU), peak_worker_private_mb (None without workers), statuses: the first round's
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in rounds)
+        else:  # peak_device_mb (None on a CPU), statuses: the first round's
             out[key] = value
     if any(r["statuses"] != rounds[0]["statuses"] for r in rounds):
         out["statuses"] = [r["statuses"] for r in rounds]
